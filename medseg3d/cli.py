@@ -1,0 +1,76 @@
+"""The `medseg3d` command line: a thin typer layer over the stage functions.
+
+Every command lives in `medseg3d/commands/<name>.py` and registers itself on `app`. Errors of the
+project's own (`MedsegError`) become one readable message and exit code 2; `--debug` anywhere on the
+command line shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from medseg3d import __version__
+from medseg3d.errors import MedsegError
+
+app = typer.Typer(
+    name="medseg3d",
+    help="Self-configuring 3D medical image segmentation: verify, plan, train, predict, evaluate, demo.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+log = logging.getLogger("medseg3d")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"medseg3d {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Self-configuring 3D medical image segmentation. Add --debug to any command to see tracebacks."""
+    from medseg3d.logging_utils import setup_logging
+
+    setup_logging(verbose)
+
+
+def _register_commands() -> None:
+    from medseg3d.commands import demo, evaluate, plan, predict, train, verify
+
+    for module in (verify, plan, train, predict, evaluate, demo):
+        module.register(app)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script: run the app and turn our errors into exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name="medseg3d")  # standalone: usage errors exit 2 the way typer does
+    except MedsegError as exc:
+        if debug:
+            raise
+        typer.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("Interrupted.", err=True)
+        sys.exit(130)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""`medseg3d predict` (being written; registers nothing yet)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `predict` command to `app`."""

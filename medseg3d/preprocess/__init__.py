@@ -1,0 +1,1 @@
+"""medseg3d.preprocess"""
