@@ -1,0 +1,216 @@
+"""The volume type and NIfTI reading/writing with the source geometry carried exactly.
+
+Arrays are kept in the voxel index order of the file as nibabel reads it: images `(C, X, Y, Z)`
+(or `(C, X, Y)` for 2D files), labels `(1, X, Y, Z)`. The affine maps voxel indices to world
+millimetres (nibabel's RAS+ convention). The source header is kept so a written volume carries the
+same sform/qform (codes included), which is what 3D Slicer and ITK-SNAP read.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from medseg3d.errors import InputError
+from medseg3d.io.atomic import atomic_path
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+#: Exceptions nibabel raises on unreadable, truncated or mis-formatted files.
+READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, ImageFileError, TypeError)
+
+
+@dataclass
+class Volume:
+    """An image or label volume with its geometry.
+
+    Attributes:
+        array: voxel data `(C, X, Y, Z)` (or `(C, X, Y)`), channels first, file index order.
+        affine: `(4, 4)` voxel index -> world (mm) transform.
+        header: the source NIfTI header, kept so writes reproduce sform/qform exactly; may be None
+            for volumes made in code.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | None = None
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """Shape without the channel axis, e.g. `(X, Y, Z)`."""
+        return tuple(int(s) for s in self.array.shape[1:])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions (2 or 3)."""
+        return self.array.ndim - 1
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm per spatial axis (column norms of the affine)."""
+        return spacing_from_affine(self.affine, self.ndim)
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """A volume with the same geometry and new voxel data (same spatial shape)."""
+        return Volume(array=array, affine=self.affine.copy(), header=self.header)
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """What the header says, read without decompressing voxels."""
+
+    path: Path
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+    dtype: np.dtype
+
+    @property
+    def spatial_ndim(self) -> int:
+        """Spatial dimensions: a 4D file is 3D with channels; a (X, Y, 1) file is still 3D."""
+        return 3 if len(self.shape) >= 3 else len(self.shape)
+
+
+def spacing_from_affine(affine: np.ndarray, ndim: int = 3) -> tuple[float, ...]:
+    """Voxel spacing (mm) as the norms of the first `ndim` affine columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :ndim], axis=0))
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """`case_0000.nii.gz` -> `case_0000`."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    if not path.is_file():
+        raise InputError(f"{path} does not exist or is not a file")
+    try:
+        img = nib.load(str(path))
+    except READ_ERRORS as exc:
+        raise InputError(f"{path} is not a readable NIfTI file ({exc}); re-export or re-copy it") from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path} is a {type(img).__name__}, not NIfTI; convert it to .nii.gz")
+    return img
+
+
+def read_header(path: str | Path) -> HeaderInfo:
+    """Shape, spacing, affine and on-disk dtype of a NIfTI file, without reading voxels."""
+    path = Path(path)
+    img = _load(path)
+    shape = tuple(int(s) for s in img.shape)
+    ndim = 3 if len(shape) >= 3 else len(shape)
+    return HeaderInfo(path, shape, spacing_from_affine(img.affine, ndim), np.asarray(img.affine), img.get_data_dtype())
+
+
+def _voxels(img: nib.Nifti1Image, path: Path, dtype: type) -> np.ndarray:
+    try:
+        return np.asarray(img.dataobj, dtype=dtype)
+    except READ_ERRORS as exc:
+        raise InputError(
+            f"{path} could not be decompressed/read ({type(exc).__name__}: {exc}); the file is probably "
+            "truncated or corrupt: copy it again from the source"
+        ) from exc
+
+
+def read_volume(paths: str | Path | Sequence[str | Path], dtype: type = np.float32) -> Volume:
+    """Read an image as `(C, X, Y, Z)` float32.
+
+    `paths` is one file (3D, or 4D with channels on the last axis as in the MSD layout) or one
+    3D file per channel (nnU-Net's `CASE_0000`, `CASE_0001`, ...). Channel files must share shape
+    and geometry; the first file's header is kept.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise InputError("no image file given")
+    channels: list[np.ndarray] = []
+    first: nib.Nifti1Image | None = None
+    for path in paths:
+        img = _load(path)
+        data = _voxels(img, path, dtype)
+        if data.ndim == 4:
+            if len(paths) > 1:
+                raise InputError(f"{path} is 4D but channels were given as separate files; give one file per channel")
+            channels.extend(np.moveaxis(data, -1, 0))
+        elif data.ndim in (2, 3):
+            channels.append(data)
+        else:
+            raise InputError(f"{path} has {data.ndim} dimensions; expected a 2D, 3D or 4D (channels last) image")
+        if first is None:
+            first = img
+        elif img.shape[:3] != first.shape[:3] or not np.allclose(img.affine, first.affine, atol=1e-3):
+            raise InputError(f"{path} does not have the shape/geometry of {paths[0]}; every channel must match")
+    assert first is not None  # paths is non-empty
+    return Volume(np.stack(channels).astype(dtype, copy=False), np.asarray(first.affine, dtype=np.float64), first.header.copy())
+
+
+def read_label(path: str | Path) -> Volume:
+    """Read a label map as `(1, X, Y, Z)` int16; non-integer values raise `InputError`."""
+    path = Path(path)
+    img = _load(path)
+    raw = _voxels(img, path, np.float64) if np.issubdtype(img.get_data_dtype(), np.floating) else None
+    if raw is not None:
+        if not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
+            raise InputError(f"{path} holds non-integer label values; labels must be integers 0..K-1")
+        data = raw.astype(np.int16)
+    else:
+        data = _voxels(img, path, np.int16)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim not in (2, 3):
+        raise InputError(f"{path} is a label with {data.ndim} dimensions; expected 2D or 3D")
+    return Volume(data[None], np.asarray(img.affine, dtype=np.float64), img.header.copy())
+
+
+def write_volume(vol: Volume, path: str | Path, *, overwrite: bool = False, dtype: type | None = None) -> None:
+    """Write `vol` as NIfTI (`.nii` or `.nii.gz`) atomically, carrying its geometry exactly.
+
+    A one-channel volume is written 3D; several channels as one 4D file (channels last). With a
+    source header, its sform and qform (and their codes) are reused unchanged; otherwise the affine
+    is written as both. `OutputExistsError` if `path` exists and not `overwrite`.
+    """
+    path = Path(path)
+    if not path.name.endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{path}: output must end in .nii or .nii.gz")
+    data = vol.array[0] if vol.num_channels == 1 else np.moveaxis(vol.array, 0, -1)
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    if vol.header is not None:
+        header = vol.header.copy()
+        header.set_data_dtype(data.dtype)
+        header.set_slope_inter(np.nan, np.nan)
+        img = nib.Nifti1Image(data, None, header=header)
+        sform, scode = vol.header.get_sform(coded=True)
+        qform, qcode = vol.header.get_qform(coded=True)
+        if scode:
+            img.set_sform(sform, code=int(scode))
+        if qcode:
+            img.set_qform(qform, code=int(qcode))
+        if not scode and not qcode:
+            img.set_sform(vol.affine, code=1)
+            img.set_qform(vol.affine, code=1)
+    else:
+        img = nib.Nifti1Image(data, vol.affine)
+        img.set_qform(vol.affine, code=1)
+        img.set_sform(vol.affine, code=1)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        nib.save(img, str(tmp))
