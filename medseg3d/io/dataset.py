@@ -128,7 +128,8 @@ def _discover_msd(root: Path, meta: dict) -> tuple[DatasetSpec | None, list[Prob
             problems.append(Problem(name, str(image), "the image listed in dataset.json does not exist", "add the file or remove the entry from 'training'"))
         if not label.is_file():
             problems.append(Problem(name, str(label), "the case has no label file", "add the label to labelsTr or remove the case from 'training'"))
-        cases.append(Case(name, (image,), label))
+        if image.is_file() and label.is_file():
+            cases.append(Case(name, (image,), label))
     for folder, listed, what in (("labelsTr", listed_labels, "label"), ("imagesTr", listed_images, "image")):
         for path in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
             if is_nifti(path) and path.name not in listed:
