@@ -1,0 +1,248 @@
+"""The versioned `plans.json`: what the planner decided, with typed access for every later stage.
+
+Every per-axis list (`spacing`, `patch_size`, `strides`, `kernel_sizes`, `median_shape`) is in the
+voxel index order of the NIfTI files as nibabel reads them (array axes `(X, Y, Z)`); spacing in mm.
+See docs/architecture.md for the table of configuration keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg3d.errors import ConfigError, PlanError
+from medseg3d.io.atomic import write_json_atomic
+
+#: Current schema version; `Plans.load` refuses anything else.
+SCHEMA_VERSION = 1
+
+_RERUN = "rerun `medseg3d plan DATA_DIR -o WORK_DIR` to write a fresh plans.json"
+
+#: Keys every configuration must carry (schema version 1).
+CONFIG_KEYS = (
+    "dims", "spacing", "slice_axis", "data_identifier", "patch_size", "batch_size", "strides",
+    "kernel_sizes", "features", "normalization", "architecture", "mirror_axes", "median_shape",
+    "resampling", "previous_stage", "next_stage",
+)
+
+
+@dataclass
+class ConfigurationPlan:
+    """One configuration (`2d`, `3d_fullres`, `3d_lowres`, `3d_cascade_fullres`) of a plan.
+
+    Wraps the JSON dict; every key of the architecture table has a typed property.
+    """
+
+    name: str
+    raw: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        missing = [k for k in CONFIG_KEYS if k not in self.raw]
+        if missing:
+            raise PlanError(f"configuration {self.name!r} in plans.json lacks keys {missing}; {_RERUN}")
+
+    @property
+    def dims(self) -> int:
+        """2 or 3: the dimensionality of the network and the patch."""
+        return int(self.raw["dims"])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Target spacing (mm) of the preprocessed data, one value per array axis `(X, Y, Z)`."""
+        return tuple(float(s) for s in self.raw["spacing"])  # type: ignore[return-value]
+
+    @property
+    def slice_axis(self) -> int | None:
+        """2d only: the array axis (0..2) that is sliced; `None` for 3D configurations."""
+        v = self.raw["slice_axis"]
+        return None if v is None else int(v)
+
+    @property
+    def in_plane_axes(self) -> tuple[int, ...]:
+        """Spatial array axes the patch spans: all three for 3D, the two others than `slice_axis` for 2d."""
+        if self.slice_axis is None:
+            return (0, 1, 2)
+        return tuple(a for a in range(3) if a != self.slice_axis)
+
+    @property
+    def data_identifier(self) -> str:
+        """Folder under `WORK_DIR/preprocessed/` holding the cases of this configuration."""
+        return str(self.raw["data_identifier"])
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """Training patch, `dims` ints in voxels."""
+        return tuple(int(p) for p in self.raw["patch_size"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.raw["batch_size"])
+
+    @property
+    def strides(self) -> list[list[int]]:
+        """Per stage, the downsampling stride per patch axis (first stage all 1)."""
+        return [[int(v) for v in s] for s in self.raw["strides"]]
+
+    @property
+    def kernel_sizes(self) -> list[list[int]]:
+        """Per stage, the convolution kernel size per patch axis."""
+        return [[int(v) for v in s] for s in self.raw["kernel_sizes"]]
+
+    @property
+    def features(self) -> list[int]:
+        """Feature channels per stage."""
+        return [int(f) for f in self.raw["features"]]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.raw["strides"])
+
+    @property
+    def pools_per_axis(self) -> tuple[int, ...]:
+        """Number of stride-2 downsamplings per patch axis."""
+        return tuple(sum(1 for s in self.strides if s[a] == 2) for a in range(self.dims))
+
+    @property
+    def normalization(self) -> list[dict[str, Any]]:
+        """Per channel `{"scheme": "zscore"|"ct"|"none"|"rescale", "mean", "std", "lower", "upper"}`."""
+        return [dict(n) for n in self.raw["normalization"]]
+
+    @property
+    def architecture(self) -> str:
+        return str(self.raw["architecture"])
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        """Patch axes (0-based) that mirroring may flip."""
+        return tuple(int(a) for a in self.raw["mirror_axes"])
+
+    @property
+    def median_shape(self) -> tuple[int, ...]:
+        """Median image shape (voxels, 3 values `(X, Y, Z)`) after cropping and resampling."""
+        return tuple(int(s) for s in self.raw["median_shape"])
+
+    @property
+    def resampling(self) -> dict[str, Any]:
+        """`{"image_order": 3, "label_mode": "linear_onehot"|"nearest", "separate_axis": int | None}`."""
+        return dict(self.raw["resampling"])
+
+    @property
+    def previous_stage(self) -> str | None:
+        return self.raw["previous_stage"]
+
+    @property
+    def next_stage(self) -> str | None:
+        return self.raw["next_stage"]
+
+    def network_kwargs(self) -> dict[str, Any]:
+        """Plain arguments for `medseg3d.networks.build_network`: dims, strides, kernel_sizes, features."""
+        return {
+            "dims": self.dims,
+            "strides": self.strides,
+            "kernel_sizes": self.kernel_sizes,
+            "features": self.features,
+        }
+
+
+@dataclass
+class Plans:
+    """The whole plan: dataset facts plus one `ConfigurationPlan` per configuration name."""
+
+    raw: dict[str, Any]
+    configurations: dict[str, ConfigurationPlan] = field(init=False)
+
+    def __post_init__(self) -> None:
+        for key in ("schema_version", "dataset_hash", "labels", "channel_names", "configurations"):
+            if key not in self.raw:
+                raise PlanError(f"plans.json lacks the key {key!r}; {_RERUN}")
+        self.configurations = {n: ConfigurationPlan(n, c) for n, c in self.raw["configurations"].items()}
+
+    # ---- loading and saving ------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> Plans:
+        """Read and check `plans.json` (a file, or a WORK_DIR holding one).
+
+        Raises PlanError when it is missing, not JSON, or of an unknown/newer `schema_version`.
+        """
+        p = Path(path)
+        if p.is_dir():
+            p = p / "plans.json"
+        if not p.is_file():
+            raise PlanError(f"no plans file at {p}; {_RERUN}")
+        try:
+            raw = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PlanError(f"{p} is not readable JSON ({exc}); {_RERUN}") from exc
+        if not isinstance(raw, dict):
+            raise PlanError(f"{p} does not hold a JSON object; {_RERUN}")
+        version = raw.get("schema_version")
+        if not isinstance(version, int):
+            raise PlanError(f"{p} has no integer schema_version (written by another tool?); {_RERUN}")
+        if version > SCHEMA_VERSION:
+            raise PlanError(
+                f"{p} has schema_version {version}, newer than this medseg3d understands ({SCHEMA_VERSION}); "
+                f"upgrade medseg3d or {_RERUN}"
+            )
+        if version != SCHEMA_VERSION:
+            raise PlanError(f"{p} has unknown schema_version {version} (expected {SCHEMA_VERSION}); {_RERUN}")
+        return cls(raw)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically as indented JSON."""
+        write_json_atomic(Path(path), self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.raw)
+
+    # ---- typed access ----------------------------------------------------------------------
+    def configuration(self, name: str) -> ConfigurationPlan:
+        """The named configuration; ConfigError listing the valid names otherwise."""
+        if name not in self.configurations:
+            valid = ", ".join(self.configurations) or "(none)"
+            raise ConfigError(f"configuration {name!r} is not in this plan; valid: {valid}")
+        return self.configurations[name]
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical JSON (sorted keys, no whitespace): what checkpoints record."""
+        canon = json.dumps(self.raw, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.raw["schema_version"])
+
+    @property
+    def dataset_hash(self) -> str:
+        return str(self.raw["dataset_hash"])
+
+    @property
+    def dataset_name(self) -> str:
+        return str(self.raw.get("dataset_name", ""))
+
+    @property
+    def dataset_dir(self) -> Path:
+        """Absolute path of the dataset at planning time."""
+        return Path(self.raw.get("dataset_dir", ""))
+
+    @property
+    def labels(self) -> dict[int, str]:
+        """Label id -> name, background (0) included."""
+        return {int(k): str(v) for k, v in self.raw["labels"].items()}
+
+    @property
+    def channel_names(self) -> list[str]:
+        return [str(c) for c in self.raw["channel_names"]]
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.raw["channel_names"])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes, background included (`max label id + 1`)."""
+        return max(self.labels) + 1

@@ -1,0 +1,130 @@
+"""Resampling of images and labels between spacings, the anisotropic axis handled separately.
+
+scipy.ndimage is used rather than monai/skimage: `zoom` with `grid_mode=True` aligns voxel
+centres exactly the way the affine does, works on any dtype, and skips the prefilter copy skimage
+makes. Arrays are `(C, X, Y, Z)` (images, float) and `(X, Y, Z)` (labels, integer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+#: A spacing ratio above this marks an axis as anisotropic (nnU-Net's ANISO_THRESHOLD).
+ANISO_THRESHOLD = 3.0
+
+
+def compute_new_shape(
+    shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]
+) -> tuple[int, ...]:
+    """Shape (voxels) after resampling from `spacing` to `new_spacing` (mm), rounded, at least 1."""
+    return tuple(
+        max(1, int(round(s * sp / nsp))) for s, sp, nsp in zip(shape, spacing, new_spacing, strict=True)
+    )
+
+
+def separate_axis_for(spacing: Sequence[float], new_spacing: Sequence[float]) -> int | None:
+    """The axis to resample on its own (the coarse one), or None when both spacings are near isotropic.
+
+    The source spacing decides first, then the target (as nnU-Net does).
+    """
+    for sp in (spacing, new_spacing):
+        sp = np.asarray(sp, dtype=float)
+        if sp.max() / sp.min() > ANISO_THRESHOLD:
+            return int(np.argmax(sp))
+    return None
+
+
+def _zoom(arr: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarray:
+    """Resample one spatial array `(X, Y, Z)` to `new_shape` with spline `order`, voxel centres aligned."""
+    if tuple(arr.shape) == tuple(new_shape):
+        return arr
+    factors = [n / o for n, o in zip(new_shape, arr.shape, strict=True)]
+    out = ndimage.zoom(arr, factors, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
+    if out.shape != tuple(new_shape):  # zoom rounds per axis; pad/crop the odd voxel
+        out = _fit(out, new_shape)
+    return out
+
+
+def _fit(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    sl = tuple(slice(0, min(a, s)) for a, s in zip(arr.shape, shape))
+    out = np.empty(shape, dtype=arr.dtype)
+    pad = [(0, max(0, s - a)) for a, s in zip(arr.shape, shape)]
+    out[...] = np.pad(arr[sl], pad, mode="edge")
+    return out
+
+
+def _resample_one(
+    arr: np.ndarray, new_shape: Sequence[int], order: int, separate_axis: int | None, order_axis: int
+) -> np.ndarray:
+    if separate_axis is None:
+        return _zoom(arr, new_shape, order)
+    # in-plane first (factor 1 along the coarse axis: a spline interpolates its grid points exactly)
+    mid = list(new_shape)
+    mid[separate_axis] = arr.shape[separate_axis]
+    arr = _zoom(arr, mid, order)
+    return _zoom(arr, new_shape, order_axis)
+
+
+def resample_data(
+    data: np.ndarray,
+    new_shape: Sequence[int],
+    *,
+    order: int = 3,
+    separate_axis: int | None = None,
+    order_axis: int = 1,
+) -> np.ndarray:
+    """Resample every channel of `data` `(C, *spatial)` to `new_shape` (spatial only).
+
+    `order` is the spline order in-plane (3 for images, 1 for probabilities); when `separate_axis`
+    is given that axis is resampled afterwards on its own with `order_axis` (1 = linear). Returns
+    float32 unless `data` is float64.
+    """
+    new_shape = tuple(int(s) for s in new_shape)
+    if len(new_shape) != data.ndim - 1:
+        raise ValueError(f"new_shape {new_shape} must have {data.ndim - 1} entries for data {data.shape}")
+    if tuple(data.shape[1:]) == new_shape:
+        return data.astype(np.float32, copy=False) if data.dtype != np.float64 else data
+    dtype = np.float64 if data.dtype == np.float64 else np.float32
+    out = np.empty((data.shape[0], *new_shape), dtype=dtype)
+    for c in range(data.shape[0]):
+        out[c] = _resample_one(data[c].astype(dtype, copy=False), new_shape, order, separate_axis, order_axis)
+    return out
+
+
+def resample_seg(
+    seg: np.ndarray,
+    new_shape: Sequence[int],
+    num_classes: int | None = None,
+    *,
+    mode: str = "linear_onehot",
+    separate_axis: int | None = None,
+) -> np.ndarray:
+    """Resample a label map `(X, Y, Z)` to `new_shape`.
+
+    `mode="linear_onehot"`: each class' mask is resampled linearly and the voxel takes the class of
+    the highest value (smooth boundaries, no class vanishes where it is thick enough);
+    `mode="nearest"`: nearest neighbour. With `separate_axis`, that axis goes nearest after the
+    in-plane pass. `num_classes` is accepted for symmetry with the predictor; only classes present
+    are resampled, and negative values (ignore) are kept as a class of their own. Returns the
+    input dtype.
+    """
+    new_shape = tuple(int(s) for s in new_shape)
+    if tuple(seg.shape) == new_shape:
+        return seg
+    if mode == "nearest":
+        return _resample_one(seg, new_shape, 0, separate_axis, 0)
+    if mode != "linear_onehot":
+        raise ValueError(f"unknown label resampling mode {mode!r}; use 'linear_onehot' or 'nearest'")
+    classes = np.unique(seg)  # classes absent from `seg` cannot win, so `num_classes` needs no pass
+    best = np.full(new_shape, -np.inf, dtype=np.float32)
+    out = np.zeros(new_shape, dtype=seg.dtype)
+    for c in classes:
+        mask = (seg == c).astype(np.float32)
+        res = _resample_one(mask, new_shape, 1, separate_axis, 0)
+        win = res > best
+        out[win] = c
+        best[win] = res[win]
+    return out
