@@ -1,0 +1,193 @@
+"""Segmentation metrics on label maps (pure numpy/scipy; no file access).
+
+All arrays are integer label maps of one case in file voxel order, `(X, Y, Z)` (2D `(X, Y)` works
+too); `spacing` is the voxel size in mm per axis in the same order.
+
+Definitions (n_ij = voxels of reference class i predicted as j, t_i = sum_j n_ij, p_j = sum_i n_ij):
+
+* per class c: TP = n_cc, FN = t_c - n_cc, FP = p_c - n_cc;
+  Dice = 2TP / (2TP + FP + FN); IoU = TP / (TP + FP + FN); precision = TP / (TP + FP);
+  recall = TP / (TP + FN). **Zero denominator**: the value is 1 when reference and prediction are
+  both empty for that class, else 0 (e.g. empty prediction, non-empty reference: precision 0).
+* HD95 (mm): surfaces are the voxels of a mask that touch the outside of the mask through a face
+  (mask minus its binary erosion with the 6-neighbourhood, outside the image counts as outside);
+  distances are Euclidean in mm from each surface voxel of one mask to the nearest surface voxel of
+  the other; HD95 = max(95th percentile of pred->ref, 95th percentile of ref->pred), linear
+  interpolation (MONAI's `compute_hausdorff_distance(percentile=95)`). Both empty: 0. Exactly one
+  empty: NaN, written as `null` and excluded from means (the number excluded is reported).
+* per case, over the classes 0..K-1 (background included) present in reference or prediction:
+  PA = sum_i n_ii / sum_i t_i; MPA = mean over i with t_i > 0 of n_ii / t_i;
+  IoU_i = n_ii / (t_i + p_i - n_ii); mIoU = mean_i IoU_i; FWIoU = sum_i t_i IoU_i / sum_i t_i.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+#: Per-class keys of a case result, in table/CSV order.
+CLASS_KEYS = (
+    "dice", "iou", "hd95", "precision", "recall", "tp", "fp", "fn",
+    "ref_voxels", "pred_voxels", "ref_volume_mm3", "pred_volume_mm3",
+)
+#: Per-case keys computed from the confusion matrix.
+CASE_KEYS = ("pa", "mpa", "miou", "fwiou")
+
+
+def confusion_matrix(ref: np.ndarray, pred: np.ndarray, num_classes: int | None = None) -> np.ndarray:
+    """`(K, K)` int64 matrix, rows = reference class, columns = predicted class, in one bincount pass.
+
+    `K` = `num_classes` or `max(ref.max(), pred.max()) + 1`. Labels must be non-negative integers.
+    """
+    if ref.shape != pred.shape:
+        raise ValueError(f"reference shape {ref.shape} != prediction shape {pred.shape}")
+    top = max(int(ref.max(initial=0)), int(pred.max(initial=0))) + 1
+    k = top if num_classes is None else max(int(num_classes), top)
+    # uint8/int16 labels: one int64 index array; the product cannot overflow for any realistic K.
+    index = ref.ravel().astype(np.int64) * k
+    index += pred.ravel()
+    return np.bincount(index, minlength=k * k).reshape(k, k)
+
+
+def region_metrics(cm: np.ndarray) -> dict[str, float]:
+    """PA, MPA, mIoU and FWIoU of one case from its `(K, K)` confusion matrix (see module docstring)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    t = cm.sum(axis=1)
+    p = cm.sum(axis=0)
+    diag = np.diag(cm)
+    total = t.sum()
+    if total == 0:
+        return {"pa": 1.0, "mpa": 1.0, "miou": 1.0, "fwiou": 1.0}
+    present = (t + p) > 0
+    iou = diag[present] / (t[present] + p[present] - diag[present])
+    in_ref = t > 0
+    return {
+        "pa": float(diag.sum() / total),
+        "mpa": float(np.mean(diag[in_ref] / t[in_ref])),
+        "miou": float(np.mean(iou)),
+        "fwiou": float(np.sum(t[present] * iou) / total),
+    }
+
+
+def _ratio(num: float, den: float, both_empty: bool) -> float:
+    if den > 0:
+        return float(num / den)
+    return 1.0 if both_empty else 0.0
+
+
+def overlap_metrics(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Dice, IoU, precision and recall from voxel counts, with the zero-denominator rule above."""
+    empty = tp + fp + fn == 0
+    return {
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn, empty),
+        "iou": _ratio(tp, tp + fp + fn, empty),
+        "precision": _ratio(tp, tp + fp, empty),
+        "recall": _ratio(tp, tp + fn, empty),
+    }
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Smallest box `(slice per axis)` holding every True voxel of `mask`, or None when it is empty."""
+    box = []
+    for axis in range(mask.ndim):
+        any_along = np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis))
+        idx = np.flatnonzero(any_along)
+        if idx.size == 0:
+            return None
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)
+
+
+def _grow(box: tuple[slice, ...], shape: tuple[int, ...], margin: int) -> tuple[slice, ...]:
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
+
+
+def surface(mask: np.ndarray) -> np.ndarray:
+    """Surface voxels of a boolean mask: mask minus its erosion by the face-neighbourhood cross.
+
+    Voxels on the array border count as surface (outside the array is background).
+    """
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hd95(ref_mask: np.ndarray, pred_mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """Symmetric 95th-percentile Hausdorff distance in mm between two boolean masks `(X, Y, Z)`.
+
+    0 when both are empty, NaN when exactly one is. The work (erosions and Euclidean distance
+    transforms) is restricted to the bounding box of the two masks plus one voxel, which holds
+    every surface voxel, so the distances are exact and the cost scales with the object, not the
+    image (scipy's EDT on the whole image is what MONAI/medpy do; that is the slow part).
+    """
+    ref_mask = np.asarray(ref_mask, dtype=bool)
+    pred_mask = np.asarray(pred_mask, dtype=bool)
+    ref_box = bounding_box(ref_mask)
+    pred_box = bounding_box(pred_mask)
+    if ref_box is None and pred_box is None:
+        return 0.0
+    if ref_box is None or pred_box is None:
+        return math.nan
+    box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(ref_box, pred_box))
+    box = _grow(box, ref_mask.shape, 1)
+    ref_surf = surface(ref_mask[box])
+    pred_surf = surface(pred_mask[box])
+    sampling = [float(s) for s in spacing]
+    to_ref = ndimage.distance_transform_edt(~ref_surf, sampling=sampling)[pred_surf]
+    to_pred = ndimage.distance_transform_edt(~pred_surf, sampling=sampling)[ref_surf]
+    return float(max(np.percentile(to_ref, 95), np.percentile(to_pred, 95)))
+
+
+def empty_class_result() -> dict[str, float | int]:
+    """Values of a class absent from both reference and prediction (Dice = IoU = 1, HD95 = 0)."""
+    return {
+        "dice": 1.0, "iou": 1.0, "hd95": 0.0, "precision": 1.0, "recall": 1.0, "tp": 0, "fp": 0, "fn": 0,
+        "ref_voxels": 0, "pred_voxels": 0, "ref_volume_mm3": 0.0, "pred_volume_mm3": 0.0,
+    }
+
+
+def case_metrics(
+    ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], labels: Sequence[int] | None = None
+) -> dict:
+    """Every metric of one case.
+
+    Args:
+        ref, pred: integer label maps `(X, Y, Z)` of equal shape, values >= 0.
+        spacing: voxel size in mm per axis.
+        labels: classes to report; default every non-zero class present in `ref` or `pred`.
+
+    Returns:
+        `{"per_class": {c: {dice, iou, hd95 (mm, NaN if one side empty), precision, recall, tp, fp,
+        fn, ref_voxels, pred_voxels, ref_volume_mm3, pred_volume_mm3}}, "pa", "mpa", "miou", "fwiou"}`.
+    """
+    if ref.shape != pred.shape:
+        raise ValueError(f"reference shape {ref.shape} != prediction shape {pred.shape}")
+    if ref.size and (ref.min() < 0 or pred.min() < 0):
+        raise ValueError("label maps must hold non-negative integers")
+    cm = confusion_matrix(ref, pred)
+    k = cm.shape[0]
+    t = cm.sum(axis=1)
+    p = cm.sum(axis=0)
+    if labels is None:
+        labels = [c for c in range(1, k) if t[c] + p[c] > 0]
+    voxel_mm3 = float(np.prod([float(s) for s in spacing]))
+    per_class: dict[int, dict] = {}
+    for c in labels:
+        c = int(c)
+        if c >= k or t[c] + p[c] == 0:
+            per_class[c] = empty_class_result()
+            continue
+        tp = int(cm[c, c])
+        fn = int(t[c]) - tp
+        fp = int(p[c]) - tp
+        result: dict = overlap_metrics(tp, fp, fn)
+        result["hd95"] = hd95(ref == c, pred == c, spacing)
+        result.update(
+            tp=tp, fp=fp, fn=fn, ref_voxels=int(t[c]), pred_voxels=int(p[c]),
+            ref_volume_mm3=float(t[c]) * voxel_mm3, pred_volume_mm3=float(p[c]) * voxel_mm3,
+        )
+        per_class[c] = {key: result[key] for key in CLASS_KEYS}
+    out: dict = {"per_class": per_class}
+    out.update(region_metrics(cm))
+    return out
