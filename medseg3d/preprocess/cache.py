@@ -39,7 +39,8 @@ def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
     try:
         with open(path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
-            shape, _, dtype = np.lib.format._read_array_header(fh, version)  # noqa: SLF001 (no public twin)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = reader(fh)
         return tuple(shape), dtype
     except (OSError, ValueError):
         return None

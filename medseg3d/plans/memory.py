@@ -1,0 +1,133 @@
+"""Memory model of a training step: measured on CUDA, analytic (calibrated) elsewhere.
+
+`activation_elements` counts the feature-map elements one sample produces in a plain U-Net (two
+conv blocks per stage, strided-conv down, transposed-conv up, deep-supervision heads): the same
+count nnU-Net's `compute_conv_feature_map_size` makes. `analytic_bytes` turns it into bytes with a
+per-element cost calibrated to nnU-Net's reference (8 GB holds a batch of 2 at 560 M elements in
+3D, 12 at 85 M in 2D); docs/planning.md has the CPU measurements behind it and states that the
+CUDA calibration awaits a GPU session. `cuda_trial_bytes` runs a real AMP forward+backward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+#: Bytes per feature-map element per sample during an AMP training step (nnU-Net's calibration:
+#: 8 GiB / (560e6 * 2 / 2) in 3D, 8 GiB / (85e6 * 12 / 2) in 2D, with a batch of 2 as the unit).
+BYTES_PER_ELEMENT = {3: 8 * GIB / (560e6 * 2), 2: 8 * GIB / (85e6 * 12)}
+DEFAULT_BUDGET_GB = 8.0
+
+
+def activation_elements(
+    patch: Sequence[int], strides: Sequence[Sequence[int]], features: Sequence[int], num_classes: int,
+    deep_supervision: bool = True,
+) -> int:
+    """Feature-map elements of one sample through a plain U-Net (encoder + decoder + heads).
+
+    patch: spatial patch `(X, Y, Z)` or `(X, Y)`; strides/features per stage.
+    """
+    sizes = []
+    size = list(patch)
+    for s in strides:
+        size = [a // b for a, b in zip(size, s)]
+        sizes.append(size)
+    total = 0
+    for f, sz in zip(features, sizes):  # encoder: two convs per stage at the stage's resolution
+        total += 2 * f * math.prod(sz)
+    n = len(strides)
+    for s in range(n - 1):  # decoder stage from lowest to highest resolution
+        skip = sizes[n - 2 - s]
+        f = features[n - 2 - s]
+        total += 2 * f * math.prod(skip)  # two convs
+        total += f * math.prod(skip)      # transposed conv output
+        if deep_supervision or s == n - 2:
+            total += num_classes * math.prod(skip)
+    return int(total)
+
+
+def analytic_bytes(
+    patch: Sequence[int], strides: Sequence[Sequence[int]], features: Sequence[int], batch: int, num_classes: int,
+) -> float:
+    """Estimated peak bytes of a training step (AMP) at `batch` patches of `patch` voxels."""
+    dims = len(patch)
+    return float(batch) * activation_elements(patch, strides, features, num_classes) * BYTES_PER_ELEMENT[dims]
+
+
+def default_budget_gb() -> float:
+    """Free memory of the current CUDA device in GB, else 8."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info()
+            return free / GIB
+    except Exception as exc:  # noqa: BLE001 (a broken CUDA set-up falls back to the default)
+        log.debug("no CUDA memory info: %s", exc)
+    return DEFAULT_BUDGET_GB
+
+
+@lru_cache(maxsize=256)
+def _cuda_trial(arch: str, patch: tuple[int, ...], strides: tuple, kernels: tuple, features: tuple,
+                batch: int, in_channels: int, num_classes: int) -> float:
+    import torch
+
+    from medseg3d.networks import build_network
+
+    dims = len(patch)
+    dev = torch.device("cuda")
+    net = build_network(arch, in_channels=in_channels, num_classes=num_classes, dims=dims,
+                        strides=[list(s) for s in strides], kernel_sizes=[list(k) for k in kernels],
+                        features=list(features), deep_supervision=True).to(dev).train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        x = torch.randn(batch, in_channels, *patch, device=dev)
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = net(x)
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            loss = sum(o.float().mean() for o in outs)
+        loss.backward()
+        opt.step()
+        torch.cuda.synchronize(dev)
+        return float(torch.cuda.max_memory_allocated(dev))
+    except torch.cuda.OutOfMemoryError:
+        return math.inf
+    finally:
+        del net, opt
+        torch.cuda.empty_cache()
+
+
+def cuda_trial_bytes(
+    arch: str, patch: Sequence[int], strides: Sequence[Sequence[int]], kernels: Sequence[Sequence[int]],
+    features: Sequence[int], batch: int, in_channels: int, num_classes: int,
+) -> float:
+    """Peak CUDA bytes of one AMP forward+backward+SGD step (inf on out-of-memory); cached per shape."""
+    return _cuda_trial(arch, tuple(patch), tuple(map(tuple, strides)), tuple(map(tuple, kernels)),
+                       tuple(features), int(batch), int(in_channels), int(num_classes))
+
+
+def make_memory_fn(num_classes: int, in_channels: int, arch: str = "unet", measure_cuda: bool = False):
+    """`memory_fn(patch, strides, kernels, features, batch) -> bytes` for `rules.plan_topology_and_patch`.
+
+    measure_cuda: run a real trial on the current CUDA device (architecture `arch`); else analytic.
+    """
+
+    def analytic(patch, strides, kernels, features, batch):
+        return analytic_bytes(patch, strides, features, batch, num_classes)
+
+    if not measure_cuda:
+        return analytic
+
+    def measured(patch, strides, kernels, features, batch):
+        # measured at batch 2 (the unit of the budget rule), scaled linearly per sample
+        two = cuda_trial_bytes(arch, patch, strides, kernels, features, 2, in_channels, num_classes)
+        return two / 2 * batch
+
+    return measured
