@@ -1,7 +1,98 @@
-"""`medseg3d plan` (being written; registers nothing yet)."""
+"""`medseg3d plan DATA_DIR -o WORK_DIR`: verify, fingerprint, plan, preprocess; `--show WORK_DIR` prints a plan."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import typer
+from rich.table import Table
+
+from medseg3d.logging_utils import console
+
+_SHOW_KEYS = (
+    "dims", "spacing", "slice_axis", "patch_size", "batch_size", "strides", "kernel_sizes", "features",
+    "architecture", "median_shape", "mirror_axes", "data_identifier", "previous_stage", "next_stage",
+    "estimated_memory_gb",
+)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        return " ".join("x".join(str(v) for v in s) for s in value)
+    if isinstance(value, list):
+        return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "-" if value is None else str(value)
+
+
+def show_plans(plans) -> None:  # noqa: ANN001 - Plans, imported lazily
+    """Print every configuration of `plans` as one table (rows: keys, columns: configurations)."""
+    names = list(plans.configurations)
+    table = Table(title=f"{plans.dataset_name or 'dataset'}: plans (axes in array order X, Y, Z; mm)")
+    table.add_column("key")
+    for n in names:
+        table.add_column(n)
+    for key in _SHOW_KEYS:
+        table.add_row(key, *[_fmt(plans.configurations[n].raw.get(key)) for n in names])
+    for ch, cname in enumerate(plans.channel_names):
+        cells = []
+        for n in names:
+            norm = plans.configurations[n].normalization[ch]
+            extra = f" [{norm['lower']:g}, {norm['upper']:g}]" if norm["scheme"] in ("ct", "rescale") else ""
+            cells.append(norm["scheme"] + extra)
+        table.add_row(f"norm ch{ch} ({cname})", *cells)
+    console.print(table)
+    console.print(f"labels: {plans.labels}  schema {plans.schema_version}  plan hash {plans.hash[:12]}")
 
 
 def register(app: typer.Typer) -> None:
     """Add the `plan` command to `app`."""
+
+    @app.command("plan")
+    def plan(
+        folder: Path = typer.Argument(..., help="DATA_DIR to plan (or, with --show alone, the WORK_DIR to print)."),
+        output: Path = typer.Option(None, "--output", "-o", help="WORK_DIR for fingerprint, plans.json and the cache."),
+        gpu_memory: float = typer.Option(
+            None, "--gpu-memory", help="GPU memory budget in GB (default: free memory of the CUDA device, else 8)."
+        ),
+        configs: str = typer.Option(
+            "", "--configs", help="Comma-separated configurations: 2d,3d_fullres,3d_lowres,3d_cascade_fullres "
+            "(default: all the rules call for)."
+        ),
+        workers: int = typer.Option(0, "--workers", "-j", help="Parallel processes (0 = min(8, CPU count))."),
+        arch: str = typer.Option("unet", "--arch", help="Default architecture recorded in the plan."),
+        show: bool = typer.Option(False, "--show", help="Print each configuration as a table."),
+    ) -> None:
+        """Verify, fingerprint, plan and preprocess a dataset (rerunning skips what is done and valid)."""
+        from medseg3d.errors import ConfigError, InputError
+        from medseg3d.plans import Plans
+
+        if output is None:
+            if not show:
+                raise InputError("give the output folder: `medseg3d plan DATA_DIR -o WORK_DIR` "
+                                 "(or `medseg3d plan --show WORK_DIR` to print an existing plan)")
+            show_plans(Plans.load(folder))
+            return
+        if gpu_memory is not None and gpu_memory <= 0:
+            raise InputError(f"--gpu-memory must be a positive number of GB, got {gpu_memory}")
+        wanted = [c.strip() for c in configs.split(",") if c.strip()] or None
+        try:
+            from medseg3d.networks import list_architectures
+        except ImportError:
+            list_architectures = None
+        if list_architectures is not None and arch not in list_architectures():
+            raise ConfigError(f"unknown architecture {arch!r}; valid: {', '.join(list_architectures())}")
+        from medseg3d.preprocess.run import plan_and_preprocess
+
+        plans, report = plan_and_preprocess(
+            folder, output, gpu_memory_gb=gpu_memory, configs=wanted,
+            workers=workers or min(8, os.cpu_count() or 1), arch=arch,
+        )
+        for ident, n in report.written.items():
+            console.print(f"{ident}: {n} case(s) preprocessed, {report.skipped[ident]} already done; "
+                          f"{report.footprint_bytes[ident] / 1e6:.1f} MB in {output / 'preprocessed' / ident}")
+        console.print(f"plans: {output / 'plans.json'} ({', '.join(plans.configurations)})")
+        if show:
+            show_plans(plans)

@@ -82,3 +82,127 @@ def describe(report: PreprocessReport) -> dict[str, Any]:
     """JSON-able summary of a report."""
     return {"written": report.written, "skipped": report.skipped, "footprint_bytes": report.footprint_bytes,
             "total_bytes": report.total_bytes}
+
+
+# ---- the whole `medseg3d plan` stage ------------------------------------------------------------
+
+PREPROCESS_KEYS = ("spacing", "normalization", "resampling", "data_identifier")
+
+
+def _cache_key(plans: Plans, cfg: ConfigurationPlan) -> dict[str, Any]:
+    return {"dataset_hash": plans.dataset_hash, **{k: cfg.raw[k] for k in PREPROCESS_KEYS}}
+
+
+def _invalidate_stale_caches(plans: Plans, work_dir: Path, names: list[str]) -> None:
+    """Empty a cache folder written for other preprocessing settings, then record the current ones."""
+    import json
+    import shutil
+
+    from medseg3d.io.atomic import write_json_atomic
+    from medseg3d.preprocess.cache import cache_dir
+
+    for n in names:
+        cfg = plans.configuration(n)
+        d = cache_dir(work_dir, cfg.data_identifier)
+        key_file = d / ".cache_key.json"
+        key = _cache_key(plans, cfg)
+        if d.is_dir():
+            try:
+                old = json.loads(key_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                old = None
+            if old != key:
+                log.info("%s: preprocessing settings changed, the old cache is removed", cfg.data_identifier)
+                shutil.rmtree(d)
+        write_json_atomic(key_file, key)
+
+
+def files_signature(cases: list[Case]) -> str:
+    """sha256 of every case's file names, sizes and modification times (cheap change detection)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for c in sorted(cases, key=lambda c: c.name):
+        for p in [*c.images, *([c.label] if c.label else [])]:
+            st = Path(p).stat()
+            h.update(f"{c.name}|{Path(p).name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def plan_and_preprocess(
+    data_dir: str | Path,
+    work_dir: str | Path,
+    *,
+    gpu_memory_gb: float | None = None,
+    configs: list[str] | None = None,
+    workers: int = 1,
+    arch: str = "unet",
+) -> tuple[Plans, PreprocessReport]:
+    """`medseg3d plan`: verify, fingerprint, plan, preprocess. Each step reuses valid earlier output.
+
+    Writes `WORK_DIR/dataset_fingerprint.json`, `WORK_DIR/plans.json`,
+    `WORK_DIR/preprocessed/<data_identifier>/`. Returns the plans and the preprocessing report.
+    """
+    import json
+    import time
+
+    from medseg3d.fingerprint import compute_fingerprint, save_fingerprint
+    from medseg3d.io import verify_dataset
+    from medseg3d.plans.memory import default_budget_gb
+    from medseg3d.plans.planner import plan_from_fingerprint
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    summary = verify_dataset(data_dir, workers=workers)
+    spec = summary.spec
+    cases = [c for c in spec.cases if c.label is not None]
+    t1 = time.perf_counter()
+
+    fp_path = work_dir / "dataset_fingerprint.json"
+    signature = files_signature(cases)
+    fingerprint = None
+    if fp_path.is_file():
+        try:
+            old = json.loads(fp_path.read_text(encoding="utf-8"))
+            fingerprint = old if old.get("files_signature") == signature else None
+        except (OSError, ValueError):
+            fingerprint = None
+    if fingerprint is None:
+        fingerprint = compute_fingerprint(spec, workers=workers)
+        fingerprint["files_signature"] = signature
+        save_fingerprint(fingerprint, fp_path)
+    else:
+        log.info("fingerprint up to date, reused: %s", fp_path)
+    t2 = time.perf_counter()
+
+    measure = False
+    try:
+        import torch
+
+        measure = bool(torch.cuda.is_available())
+    except ImportError:
+        pass
+    budget = gpu_memory_gb if gpu_memory_gb is not None else default_budget_gb()
+    fp_for_plan = {k: v for k, v in fingerprint.items() if k != "files_signature"}
+    plans = plan_from_fingerprint(
+        fp_for_plan, gpu_memory_gb=budget, configs=configs, arch=arch,
+        dataset_dir=str(Path(data_dir).resolve()), measure_cuda=measure,
+    )
+    plans_path = work_dir / "plans.json"
+    old_hash = None
+    if plans_path.is_file():
+        try:
+            old_hash = Plans.load(plans_path).hash
+        except MedsegError:
+            old_hash = None
+    if old_hash != plans.hash:
+        plans.save(plans_path)
+    t3 = time.perf_counter()
+    names = list(plans.configurations)
+    _invalidate_stale_caches(plans, work_dir, names)
+    report = preprocess_dataset(cases, plans, work_dir, names, workers)
+    t4 = time.perf_counter()
+    log.info("verify %.1f s, fingerprint %.1f s, plan %.1f s, preprocess %.1f s; cache %.1f MB",
+             t1 - t0, t2 - t1, t3 - t2, t4 - t3, report.total_bytes / 1e6)
+    return plans, report
