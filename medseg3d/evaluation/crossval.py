@@ -1,0 +1,133 @@
+"""Cross-validation summary and postprocessing choice of a trained model folder.
+
+Reads every fold's validation predictions `WORK_DIR/results/<CONFIG>/<ARCH>/fold_<K>/validation/*.nii.gz`,
+pairs them with the dataset's reference labels (`dataset_dir` of `WORK_DIR/plans.json`), and writes
+into `WORK_DIR/results/<CONFIG>/<ARCH>/`:
+
+* `crossval_summary.json`: the evaluation summary of all folds' predictions together (format of
+  `medseg3d.evaluation.evaluate.summarize`) plus `folds` (fold -> case names);
+* `postprocessing.json`: the largest-component decision (`medseg3d.postprocess`), which
+  `medseg3d predict` applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from medseg3d.errors import DatasetError, InputError, Problem
+from medseg3d.evaluation.choose_postprocessing import decide, variant_dice
+from medseg3d.evaluation.evaluate import (
+    CasePair,
+    case_key,
+    load_pair,
+    pair_with_references,
+    run_cases,
+    summarize,
+    write_summary_json,
+)
+from medseg3d.evaluation.metrics import case_metrics
+from medseg3d.io import load_dataset, write_json_atomic
+from medseg3d.plans.schema import Plans
+from medseg3d.postprocess import POSTPROCESSING_FILE
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "crossval_summary.json"
+_FOLD_RE = re.compile(r"^fold_(\d+)$")
+
+
+def model_dir_of(work_dir: str | Path, config: str, arch: str) -> Path:
+    """`WORK_DIR/results/<CONFIG>/<ARCH>`."""
+    return Path(work_dir) / "results" / config / arch
+
+
+def gather_fold_predictions(model_dir: Path) -> tuple[dict[str, Path], dict[int, list[str]]]:
+    """`{case: prediction path}` over every `fold_K/validation/` and `{fold: [cases]}`.
+
+    Raises `InputError` when no fold has validation predictions and `DatasetError` when one case
+    is predicted by two folds.
+    """
+    preds: dict[str, Path] = {}
+    folds: dict[int, list[str]] = {}
+    problems: list[Problem] = []
+    fold_dirs = sorted((d for d in model_dir.glob("fold_*") if _FOLD_RE.match(d.name)),
+                       key=lambda d: int(d.name.split("_")[1]))
+    for fold_dir in fold_dirs:
+        fold = int(fold_dir.name.split("_")[1])
+        val = fold_dir / "validation"
+        files = sorted(p for p in val.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz"))) if val.is_dir() else []
+        if not files:
+            log.warning("%s has no validation predictions; fold %d is left out", val, fold)
+            continue
+        folds[fold] = []
+        for path in files:
+            key = case_key(path.name)
+            if key in preds:
+                problems.append(Problem(key, str(path), f"is also predicted in {preds[key].parent.parent.name}",
+                                        "each case belongs to one fold's validation set; remove the stray file"))
+                continue
+            preds[key] = path
+            folds[fold].append(key)
+    if problems:
+        raise DatasetError("cross-validation folds overlap", problems)
+    if not preds:
+        raise InputError(
+            f"no validation predictions under {model_dir}/fold_*/validation/; train the folds first "
+            f"(`medseg3d train WORK_DIR --config CONFIG --fold K`)"
+        )
+    if len(folds) != 5:
+        log.warning("found %d fold(s) with validation predictions (%s), not 5", len(folds), sorted(folds))
+    return preds, folds
+
+
+def reference_labels(plans: Plans) -> dict[str, Path]:
+    """`{case: reference label path}` of the dataset the plan was made from."""
+    root = plans.dataset_dir
+    if not str(root) or not root.is_dir():
+        raise InputError(
+            f"the dataset folder recorded in plans.json ({root}) does not exist; move the dataset back "
+            "or re-plan with `medseg3d plan DATA_DIR -o WORK_DIR`"
+        )
+    spec = load_dataset(root)
+    return {c.name: c.label for c in spec.cases if c.label is not None}
+
+
+def _crossval_case(pair: CasePair, labels: list[int]) -> tuple[dict, dict]:
+    """Metrics and postprocessing variants of one case, from one read of its files."""
+    ref, pred, spacing = load_pair(pair)
+    metrics = {"case": pair.name, "pred": str(pair.pred), "ref": str(pair.ref), "spacing": list(spacing),
+               **case_metrics(ref, pred, spacing, labels)}
+    return metrics, variant_dice(ref, pred, labels)
+
+
+def evaluate_crossval(work_dir: str | Path, config: str, arch: str | None = None,
+                      workers: int | None = None) -> tuple[dict, dict]:
+    """Summarise all folds of `WORK_DIR/results/<config>/<arch>` and choose the postprocessing.
+
+    Args:
+        arch: architecture folder; default the configuration's `architecture` in plans.json.
+
+    Returns:
+        (summary, decision); both are also written into the model folder.
+    """
+    work_dir = Path(work_dir)
+    plans = Plans.load(work_dir)
+    conf = plans.configuration(config)
+    arch = arch or conf.architecture
+    model_dir = model_dir_of(work_dir, config, arch)
+    if not model_dir.is_dir():
+        raise InputError(f"{model_dir} does not exist; train it first or check --config/--arch")
+    preds, folds = gather_fold_predictions(model_dir)
+    pairs = pair_with_references(preds, reference_labels(plans), str(plans.dataset_dir))
+    labels = sorted(c for c in plans.labels if c > 0)
+    results = run_cases(_crossval_case, pairs, workers, "cross-validation", labels)
+    summary = summarize([m for m, _ in results], labels)
+    summary = {"work_dir": str(work_dir), "configuration": config, "architecture": arch,
+               "folds": {str(k): v for k, v in folds.items()}, **summary}
+    decision = decide([v for _, v in results], labels)
+    write_summary_json(summary, model_dir / SUMMARY_FILE)
+    write_json_atomic(model_dir / POSTPROCESSING_FILE, decision)
+    log.info("wrote %s and %s", model_dir / SUMMARY_FILE, model_dir / POSTPROCESSING_FILE)
+    return summary, decision
