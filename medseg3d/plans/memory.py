@@ -59,8 +59,25 @@ def analytic_bytes(
     return float(batch) * activation_elements(patch, strides, features, num_classes) * BYTES_PER_ELEMENT[dims]
 
 
+def cuda_available() -> bool:
+    """True when a CUDA device can be used; torch (slow to import) is only imported where a driver exists."""
+    from pathlib import Path
+
+    if not any(Path("/dev").glob("nvidia*")) and not Path("/proc/driver/nvidia").exists():
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception as exc:  # noqa: BLE001 (a broken CUDA set-up counts as none)
+        log.debug("CUDA unusable: %s", exc)
+        return False
+
+
 def default_budget_gb() -> float:
     """Free memory of the current CUDA device in GB, else 8."""
+    if not cuda_available():
+        return DEFAULT_BUDGET_GB
     try:
         import torch
 

@@ -148,7 +148,7 @@ def plan_and_preprocess(
 
     from medseg3d.fingerprint import compute_fingerprint, save_fingerprint
     from medseg3d.io import verify_dataset
-    from medseg3d.plans.memory import default_budget_gb
+    from medseg3d.plans.memory import cuda_available, default_budget_gb
     from medseg3d.plans.planner import plan_from_fingerprint
 
     work_dir = Path(work_dir)
@@ -176,13 +176,7 @@ def plan_and_preprocess(
         log.info("fingerprint up to date, reused: %s", fp_path)
     t2 = time.perf_counter()
 
-    measure = False
-    try:
-        import torch
-
-        measure = bool(torch.cuda.is_available())
-    except ImportError:
-        pass
+    measure = cuda_available()
     budget = gpu_memory_gb if gpu_memory_gb is not None else default_budget_gb()
     fp_for_plan = {k: v for k, v in fingerprint.items() if k != "files_signature"}
     plans = plan_from_fingerprint(
