@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 #: Per-class keys of a case result, in table/CSV order.
 CLASS_KEYS = (
@@ -116,10 +117,12 @@ def surface(mask: np.ndarray) -> np.ndarray:
 def hd95(ref_mask: np.ndarray, pred_mask: np.ndarray, spacing: Sequence[float]) -> float:
     """Symmetric 95th-percentile Hausdorff distance in mm between two boolean masks `(X, Y, Z)`.
 
-    0 when both are empty, NaN when exactly one is. The work (erosions and Euclidean distance
-    transforms) is restricted to the bounding box of the two masks plus one voxel, which holds
-    every surface voxel, so the distances are exact and the cost scales with the object, not the
-    image (scipy's EDT on the whole image is what MONAI/medpy do; that is the slow part).
+    0 when both are empty, NaN when exactly one is. Surfaces are extracted inside the bounding box
+    of the two masks plus one voxel (which holds every surface voxel, so nothing changes), and the
+    nearest-surface distances come from a KD-tree on the surface points scaled to mm: exactly the
+    Euclidean distances a distance transform gives (tested against MONAI), but the cost scales with
+    the number of surface voxels rather than the box volume: 4x faster than scipy's EDT on the
+    hippocampus boxes (benchmarks/bench_evaluate.py), more on large organs.
     """
     ref_mask = np.asarray(ref_mask, dtype=bool)
     pred_mask = np.asarray(pred_mask, dtype=bool)
@@ -131,11 +134,11 @@ def hd95(ref_mask: np.ndarray, pred_mask: np.ndarray, spacing: Sequence[float]) 
         return math.nan
     box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(ref_box, pred_box))
     box = _grow(box, ref_mask.shape, 1)
-    ref_surf = surface(ref_mask[box])
-    pred_surf = surface(pred_mask[box])
-    sampling = [float(s) for s in spacing]
-    to_ref = ndimage.distance_transform_edt(~ref_surf, sampling=sampling)[pred_surf]
-    to_pred = ndimage.distance_transform_edt(~pred_surf, sampling=sampling)[ref_surf]
+    scale = np.asarray([float(s) for s in spacing], dtype=np.float64)
+    ref_pts = np.argwhere(surface(ref_mask[box])) * scale
+    pred_pts = np.argwhere(surface(pred_mask[box])) * scale
+    to_ref = cKDTree(ref_pts).query(pred_pts, k=1)[0]
+    to_pred = cKDTree(pred_pts).query(ref_pts, k=1)[0]
     return float(max(np.percentile(to_ref, 95), np.percentile(to_pred, 95)))
 
 
