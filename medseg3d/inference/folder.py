@@ -1,0 +1,201 @@
+"""`predict_folder`: the model folder's fold networks over a folder (or file) of cases.
+
+Model folder: `WORK_DIR/results/<CONFIG>/<ARCH>/fold_<K>/checkpoint_<final|best|latest>.pt`, each
+checkpoint carrying the hash of `WORK_DIR/plans.json`. Outputs `OUTPUT_DIR/CASE.nii.gz` (uint8, the
+input's exact header), optionally `CASE.npz` probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from medseg3d.errors import CheckpointError, InputError, MedsegError
+from medseg3d.inference.checkpoint import build_model_from_checkpoint, load_checkpoint
+from medseg3d.inference.export import output_path, write_probabilities, write_segmentation
+from medseg3d.inference.predictor import predict_case, resolve_device
+from medseg3d.logging_utils import console
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KINDS = ("final", "best", "latest")
+
+
+class PredictionError(MedsegError):
+    """Some cases could not be predicted (the others were); lists each case and why."""
+
+
+@dataclass
+class PredictSummary:
+    """What `predict_folder` did: case names predicted / skipped (output existed) / failed (name, why)."""
+
+    predicted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def model_dir(work_dir: Path, config: str, arch: str) -> Path:
+    """`WORK_DIR/results/<CONFIG>/<ARCH>`."""
+    return Path(work_dir) / "results" / config / arch
+
+
+def available_folds(mdir: Path, checkpoint: str) -> list[int]:
+    """Fold numbers under `mdir` that hold `checkpoint_<checkpoint>.pt`, sorted."""
+    folds = []
+    for p in sorted(mdir.glob("fold_*")):
+        m = re.fullmatch(r"fold_(\d+)", p.name)
+        if m and (p / f"checkpoint_{checkpoint}.pt").is_file():
+            folds.append(int(m.group(1)))
+    return sorted(folds)
+
+
+def load_fold_models(
+    work_dir: Path, config: str, arch: str, folds: list[int] | None, checkpoint: str, plan_hash: str
+) -> list[nn.Module]:
+    """One eval-mode network per fold; `folds=None` takes every fold with that checkpoint.
+
+    CheckpointError lists which folds exist when a requested one (or any) is missing.
+    """
+    if checkpoint not in CHECKPOINT_KINDS:
+        raise InputError(f"--checkpoint {checkpoint!r} is not one of {', '.join(CHECKPOINT_KINDS)}")
+    mdir = model_dir(work_dir, config, arch)
+    have = available_folds(mdir, checkpoint)
+    if folds is None:
+        if not have:
+            raise CheckpointError(
+                f"no fold under {mdir} has checkpoint_{checkpoint}.pt; train one first "
+                f"(`medseg3d train {work_dir} --config {config} --fold 0`) or pick --checkpoint best/latest")
+        folds = have
+    missing = [f for f in folds if f not in have]
+    if missing:
+        listed = ", ".join(str(f) for f in have) or "none"
+        raise CheckpointError(
+            f"fold(s) {', '.join(str(f) for f in missing)} have no checkpoint_{checkpoint}.pt under {mdir}; "
+            f"folds with one: {listed}. Pass --folds with those, or train the missing folds")
+    models = []
+    for f in folds:
+        ckpt = load_checkpoint(mdir / f"fold_{f}" / f"checkpoint_{checkpoint}.pt", expected_plan_hash=plan_hash)
+        if ckpt.get("configuration") not in (None, config):
+            raise CheckpointError(f"{mdir}/fold_{f} holds a checkpoint of configuration {ckpt['configuration']!r}, "
+                                  f"not {config!r}; move it to results/{ckpt['configuration']}/")
+        models.append(build_model_from_checkpoint(ckpt))
+        del ckpt
+    log.info("loaded %d fold model(s) %s from %s (checkpoint_%s)", len(models), folds, mdir, checkpoint)
+    return models
+
+
+def split_part(items: list, num_parts: int, part_id: int) -> list:
+    """Part `part_id` of `num_parts` (round robin): every item lands in exactly one part."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise InputError(f"--part-id must be in 0..{num_parts - 1} and --num-parts >= 1 "
+                         f"(got part {part_id} of {num_parts})")
+    return items[part_id::num_parts]
+
+
+def predict_folder(
+    work_dir: str | Path,
+    input_path: str | Path,
+    output_dir: str | Path,
+    *,
+    config: str = "3d_fullres",
+    arch: str | None = None,
+    folds: list[int] | None = None,
+    checkpoint: str = "final",
+    step: float = 0.5,
+    use_mirroring: bool = True,
+    device: str = "auto",
+    save_probabilities: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    overwrite: bool = False,
+    precision: str = "auto",
+    models: list[nn.Module] | None = None,
+) -> PredictSummary:
+    """Predict every case of `input_path` (folder in MSD/nnU-Net naming, or one file) into `output_dir`.
+
+    Existing outputs are kept unless `overwrite`; a failing case is logged and the others go on;
+    at the end PredictionError (non-zero exit) names every failed case. `models` skips checkpoint
+    loading (tests, benchmarks).
+    """
+    from medseg3d.io import find_input_cases, read_volume
+    from medseg3d.plans.schema import Plans
+
+    work_dir, output_dir = Path(work_dir), Path(output_dir)
+    if not 0 < step <= 1:
+        raise InputError(f"--step must be in (0, 1] (a fraction of the patch), got {step}")
+    plans = Plans.load(work_dir)
+    cfg = plans.configuration(config)
+    arch = arch or cfg.architecture
+    dev = resolve_device(device)
+    cases = split_part(find_input_cases(input_path, plans.num_channels), num_parts, part_id)
+    summary = PredictSummary()
+    todo = []
+    for case in cases:
+        ending = ".nii" if case.images[0].name.endswith(".nii") else ".nii.gz"
+        out = output_path(output_dir, case.name, ending)
+        if out.exists() and not overwrite:
+            summary.skipped.append(case.name)
+        else:
+            todo.append((case, out))
+    if summary.skipped:
+        log.info("%d case(s) skipped: their output exists in %s (pass --overwrite to redo them)",
+                 len(summary.skipped), output_dir)
+    if not todo:
+        return summary
+    if models is None:
+        models = load_fold_models(work_dir, config, arch, folds, checkpoint, plans.hash)
+    models = [m.to(dev).eval() for m in models]
+    postprocessing = _load_postprocessing(model_dir(work_dir, config, arch))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        t_cases = bar.add_task("cases", total=len(todo))
+        t_win = bar.add_task("windows", total=None)
+        for case, out in todo:
+            bar.update(t_win, completed=0, total=None, description=f"windows {case.name}")
+            t0 = time.perf_counter()
+            try:
+                image = read_volume(case.images)
+                seg, probs = predict_case(
+                    models, image, plans, config, step=step, use_mirroring=use_mirroring, device=dev,
+                    postprocessing=postprocessing, return_probabilities=save_probabilities,
+                    precision=precision, progress=lambda n: bar.advance(t_win, n), case=case.name)
+                write_segmentation(seg, image, out, overwrite=overwrite)
+                if probs is not None:
+                    write_probabilities(probs, output_dir / f"{case.name}.npz", overwrite=True)
+                summary.predicted.append(case.name)
+                summary.seconds[case.name] = time.perf_counter() - t0
+            except MedsegError as exc:
+                log.error("case %s failed: %s", case.name, exc)
+                summary.failed.append((case.name, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - one broken case must not stop the others
+                log.error("case %s failed: %s: %s", case.name, type(exc).__name__, exc)
+                log.debug("traceback of case %s", case.name, exc_info=True)
+                summary.failed.append((case.name, f"{type(exc).__name__}: {exc}"))
+            bar.advance(t_cases)
+    log.info("predicted %d case(s) into %s, %d skipped, %d failed", len(summary.predicted), output_dir,
+             len(summary.skipped), len(summary.failed))
+    if summary.failed:
+        lines = "\n".join(f"  - case {name}: {why}" for name, why in summary.failed)
+        err = PredictionError(f"{len(summary.failed)} of {len(todo)} case(s) failed (the others were written "
+                              f"to {output_dir}):\n{lines}")
+        err.summary = summary  # type: ignore[attr-defined]
+        raise err
+    return summary
+
+
+def _load_postprocessing(mdir: Path) -> dict | None:
+    try:
+        from medseg3d.postprocess import load_postprocessing
+    except ImportError:
+        log.debug("medseg3d.postprocess is not available; no postprocessing")
+        return None
+    return load_postprocessing(mdir)

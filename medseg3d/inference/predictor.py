@@ -1,0 +1,172 @@
+"""One case through the trained networks and back to its original geometry, with bounded host memory.
+
+`predict_case` is shared by `medseg3d predict` and training's final validation. Images are `Volume`s
+with arrays `(C, X, Y, Z)` in file index order; the segmentation comes back `(X, Y, Z)` in the input's
+own voxel grid (so it is written with the input's exact header).
+
+Memory: the sliding window holds `K x N'` float32 probabilities at the network's spacing (N' voxels
+after crop + resampling). Going back to the original grid never holds `K x N` float32 at full
+resolution: one class is resampled at a time into a running max and argmax (`N x (4 + 4 + 1)` bytes),
+and when the spacing did not change the argmax is taken directly. See docs/inference.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medseg3d.errors import InputError
+from medseg3d.inference.sliding_window import sliding_window_predict
+from medseg3d.preprocess.crop import uncrop
+from medseg3d.preprocess.pipeline import preprocess_case, probs_to_original, resample_data
+from medseg3d.preprocess.resample import separate_axis_for
+
+if TYPE_CHECKING:
+    from medseg3d.io.volume import Volume
+    from medseg3d.plans.schema import Plans
+
+log = logging.getLogger(__name__)
+
+__all__ = ["predict_case", "resolve_device", "resolve_amp", "check_input", "probabilities_to_seg"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; `cuda` without a GPU -> InputError."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise InputError(f"unknown device {name!r}; use auto, cuda or cpu")
+    return torch.device(name)
+
+
+def resolve_amp(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for `precision` (auto|fp32|bf16|fp16) on `device`; None means float32.
+
+    `auto`: float16 on CUDA (as nnU-Net), bfloat16 on a CPU with native bf16 support (about 2x
+    faster here, same labels on the hippocampus check in docs/benchmarks.md), else float32.
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.float16
+    try:
+        bf16_ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16_ok = False
+    return torch.bfloat16 if bf16_ok else None
+
+
+def check_input(image: Volume, plans: Plans, case: str = "") -> None:
+    """InputError naming the case when channels, dimensionality or spacing do not suit the model."""
+    who = f"case {case}: " if case else ""
+    if image.ndim != 3:
+        raise InputError(f"{who}image has {image.ndim} spatial dimensions {image.spatial_shape}; the model needs 3D "
+                         "volumes (a 2d configuration still takes 3D volumes and slices them)")
+    if image.num_channels != plans.num_channels:
+        raise InputError(f"{who}image has {image.num_channels} channel(s), the model was planned with "
+                         f"{plans.num_channels} ({', '.join(plans.channel_names)}); give every channel")
+    spacing = np.asarray(image.spacing, dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"{who}voxel spacing {tuple(spacing)} mm is not positive and finite; fix the affine "
+                         "(pixdim/sform) of the file")
+    if not np.all(np.isfinite(image.array)):
+        raise InputError(f"{who}image holds NaN or Inf voxels; fix or mask them before predicting")
+
+
+def probabilities_to_seg(
+    probs: np.ndarray, properties: dict[str, Any], separate_axis: int | None
+) -> np.ndarray:
+    """Probabilities `(K, X', Y', Z')` at network spacing -> labels `(X, Y, Z)` uint8 in the original grid.
+
+    Bounded memory: classes are resampled (linear) one at a time into a running max + argmax, so
+    at most one float32 class map plus the running max is held at the cropped original size.
+    """
+    crop_shape = tuple(int(s) for s in properties["shape_after_crop"])
+    dtype = np.uint8 if probs.shape[0] <= 256 else np.uint16
+    if tuple(probs.shape[1:]) == crop_shape:
+        seg_c = np.argmax(probs, axis=0).astype(dtype)
+    else:
+        best = None
+        seg_c = np.zeros(crop_shape, dtype=dtype)
+        for k in range(probs.shape[0]):
+            res = resample_data(probs[k:k + 1], crop_shape, order=1, separate_axis=separate_axis)[0]
+            if best is None:
+                best = res
+                continue
+            win = res > best
+            seg_c[win] = k
+            np.maximum(best, res, out=best)
+            del res, win
+    return uncrop(seg_c, properties["bbox"], tuple(int(s) for s in properties["original_shape"]), fill=0)
+
+
+def predict_case(
+    models: Sequence[nn.Module],
+    image: Volume,
+    plans: Plans,
+    config_name: str,
+    *,
+    step: float = 0.5,
+    use_mirroring: bool = True,
+    device: str | torch.device = "cpu",
+    postprocessing: dict | None = None,
+    return_probabilities: bool = False,
+    precision: str = "auto",
+    batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    case: str = "",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Segment one image with the average of `models` (fold networks in eval mode).
+
+    image: `Volume` `(C, X, Y, Z)` as read from disk (any affine); plans/config_name: the plan the
+    models were trained with. Steps: crop, normalise, resample to the plan's spacing, sliding
+    window (Gaussian weights, `step` x patch, mirror TTA over the plan's `mirror_axes` when
+    `use_mirroring`, softmax averaged over models), back to the original grid, uncrop,
+    largest-component `postprocessing` (decision dict or None).
+    Returns `(seg (X, Y, Z) uint8, probabilities (K, X, Y, Z) float32 or None)`; the probabilities
+    (only with `return_probabilities`) are the one full-resolution K-class array this makes.
+    """
+    check_input(image, plans, case)
+    config = plans.configuration(config_name)
+    dev = resolve_device(device)
+    amp = resolve_amp(precision, dev)
+    pre = preprocess_case(image, config)
+    props = pre.properties
+    data = torch.from_numpy(pre.data)
+    del pre
+    if batch_size is None:
+        batch_size = 8 if config.dims == 3 else 32
+    probs_t = sliding_window_predict(
+        models, data, patch_size=config.patch_size, step=step,
+        mirror_axes=config.mirror_axes if use_mirroring else (), batch_size=batch_size, device=dev,
+        amp_dtype=amp, slice_axis=config.slice_axis, progress=progress,
+    )
+    del data
+    probs = probs_t.numpy()
+    sep = config.resampling.get("separate_axis")
+    if sep is None:
+        sep = separate_axis_for(props["original_spacing"], config.spacing)
+    seg = probabilities_to_seg(probs, props, sep)
+    full_probs = probs_to_original(probs, props, sep) if return_probabilities else None
+    del probs, probs_t
+    if postprocessing:
+        from medseg3d.postprocess import apply_postprocessing
+
+        seg = apply_postprocessing(seg, postprocessing)
+    return seg, full_probs
