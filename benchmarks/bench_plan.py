@@ -1,10 +1,12 @@
 """`medseg3d plan` vs `nnUNetv2_plan_and_preprocess -c 3d_fullres`, side by side in one run.
 
     python benchmarks/bench_plan.py [--data /work/shared/data/Task04_Hippocampus] [--aniso] [--np 2] [--reps 2]
+    python benchmarks/bench_plan.py --calibrate [--calib-python /work/venv-bench/bin/python]
 
 Both tools get the same data, the same number of processes, an 8 GB budget and dataset
-verification. Measured per run: wall time, peak RSS of the whole process tree (sum of RSS of the
-process and its children, sampled from /proc every 20 ms) and the disk footprint of what each
+verification. Measured per run: wall time, peak RSS of the whole process tree (sums of RSS and of PSS
+over the process and its children, sampled from /proc every 20 ms; PSS counts pages shared by forked
+workers once) and the disk footprint of what each
 writes (medseg3d WORK_DIR; nnU-Net's nnUNet_preprocessed/DatasetXXX). nnU-Net's MSD conversion
 (`nnUNetv2_convert_MSD_dataset`, a step medseg3d does not need) is run once beforehand and
 reported separately. `--aniso` also runs both on a copy with the last axis at 3 mm
@@ -39,27 +41,33 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _tree_rss(pid: int) -> int:
-    total, todo = 0, [pid]
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS) in bytes over `pid` and its descendants. PSS splits pages shared by
+    forked workers between them, so it does not count them once per worker as the RSS sum does."""
+    rss = pss = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             continue
         todo += _children(p)
-    return total
+    return rss, pss
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict:
-    """Run `cmd`; wall seconds, peak tree RSS (bytes), peak single-process RSS (bytes), return code."""
+    """Run `cmd`; wall seconds, peak tree RSS and PSS (bytes), peak single-process RSS so far (bytes)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    peak = peak_pss = 0
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
+        rss, pss = _tree_memory(proc.pid)
+        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
         time.sleep(0.02)
     wall = time.perf_counter() - t0
     err = proc.stderr.read() if proc.stderr else ""
@@ -68,7 +76,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     import resource
 
     single = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return {"wall_s": wall, "peak_tree_rss": peak, "max_single_rss_so_far": single}
+    return {"wall_s": wall, "peak_tree_rss": peak, "peak_tree_pss": peak_pss, "max_single_rss_so_far": single}
 
 
 def du(path: Path) -> int:
@@ -106,11 +114,16 @@ def nnunet_3d_fullres(pre: Path) -> dict:
     arch = c["architecture"]["arch_kwargs"]
     strides = arch["strides"]
     pools_t = [sum(1 for s in strides if s[a] == 2) for a in range(3)]
-    # nnU-Net lists axes transposed (coarsest first); map back to array order
+    # nnU-Net lists axes transposed (coarsest first) in its readers' order, which is the reverse of
+    # nibabel's (SimpleITKIO, and NibabelIO which transposes to match it): undo both
+    def ours(values):
+        nn_order = [values[back[a]] for a in range(3)]
+        return nn_order[::-1]
+
     return {
-        "spacing": [c["spacing"][back[a]] for a in range(3)],
-        "patch_size": [c["patch_size"][back[a]] for a in range(3)],
-        "pools_per_axis": [pools_t[back[a]] for a in range(3)],
+        "spacing": ours(c["spacing"]),
+        "patch_size": ours(c["patch_size"]),
+        "pools_per_axis": ours(pools_t),
         "batch_size": c["batch_size"],
         "features": arch["features_per_stage"],
         "transpose_forward": plans["transpose_forward"],
@@ -170,6 +183,7 @@ def bench_dataset(data: Path, label: str, task_id: int, args: argparse.Namespace
         "ratios_nnunet_over_medseg3d": {
             "wall_time": best("nnunet", "wall_s") / best("medseg3d", "wall_s"),
             "peak_tree_rss": best("nnunet", "peak_tree_rss") / best("medseg3d", "peak_tree_rss"),
+            "peak_tree_pss": best("nnunet", "peak_tree_pss") / best("medseg3d", "peak_tree_pss"),
             "disk_total": runs["nnunet"][0]["disk_bytes"] / runs["medseg3d"][0]["disk_bytes"],
             "disk_cache": runs["nnunet"][0]["cache_bytes"] / runs["medseg3d"][0]["cache_bytes"],
         },
@@ -178,16 +192,19 @@ def bench_dataset(data: Path, label: str, task_id: int, args: argparse.Namespace
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| data | medseg3d wall | nnU-Net wall | speed-up | peak RSS (ours / nnU-Net) | RSS ratio "
-             "| disk (ours / nnU-Net) | disk ratio |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| data | medseg3d wall | nnU-Net wall | speed-up | peak PSS (ours / nnU-Net) | PSS ratio "
+             "| peak RSS sum (ours / nnU-Net) | disk (ours / nnU-Net) | disk ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ours, nn = r["runs"]["medseg3d"], r["runs"]["nnunet"]
         q = r["ratios_nnunet_over_medseg3d"]
         lines.append(
             f"| {Path(r['dataset']).name} | {min(x['wall_s'] for x in ours):.1f} s | "
             f"{min(x['wall_s'] for x in nn):.1f} s | {q['wall_time']:.1f}x | "
+            f"{min(x['peak_tree_pss'] for x in ours) / 1e6:.0f} / {min(x['peak_tree_pss'] for x in nn) / 1e6:.0f} MB | "
+            f"{q['peak_tree_pss']:.1f}x | "
             f"{min(x['peak_tree_rss'] for x in ours) / 1e6:.0f} / {min(x['peak_tree_rss'] for x in nn) / 1e6:.0f} MB | "
-            f"{q['peak_tree_rss']:.1f}x | {ours[0]['disk_bytes'] / 1e6:.1f} / {nn[0]['disk_bytes'] / 1e6:.1f} MB | "
+            f"{ours[0]['disk_bytes'] / 1e6:.1f} / {nn[0]['disk_bytes'] / 1e6:.1f} MB | "
             f"{q['disk_total']:.2f}x |")
     lines.append("")
     lines.append("| data | tool | spacing (mm) | patch | pools per axis | batch |")
@@ -200,8 +217,74 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---- CPU calibration of the analytic memory model ---------------------------------------------
+
+_CHILD = r"""
+import json, resource, sys, torch
+a = json.loads(sys.argv[1])
+torch.set_num_threads(2)
+try:
+    from medseg3d.networks import build_network
+    net = build_network("unet", in_channels=a["in_ch"], num_classes=a["ncls"], dims=len(a["patch"]),
+                        strides=a["strides"], kernel_sizes=a["kernels"], features=a["features"], deep_supervision=True)
+    which = "medseg3d unet"
+except ImportError:
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    d = len(a["patch"])
+    net = PlainConvUNet(a["in_ch"], len(a["features"]), a["features"], getattr(torch.nn, f"Conv{d}d"), a["kernels"],
+                        a["strides"], 2, a["ncls"], 1, conv_bias=True, norm_op=getattr(torch.nn, f"InstanceNorm{d}d"),
+                        norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+                        nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    which = "nnU-Net PlainConvUNet"
+net.train()
+x = torch.randn(a["batch"], a["in_ch"], *a["patch"])
+def rss():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+base = rss()
+with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a["bf16"]):
+    out = net(x)
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    loss = sum(o.float().mean() for o in outs)
+loss.backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"step_bytes": peak - base, "net": which}))
+"""
+
+
+def calibrate(args: argparse.Namespace) -> list[dict]:
+    """Measure CPU peak memory of one forward+backward (fp32 and bf16 autocast) against the analytic count."""
+    sys.path.insert(0, str(ROOT))
+    from medseg3d.plans.memory import BYTES_PER_ELEMENT, activation_elements
+    from medseg3d.plans.rules import features_per_stage, pool_and_conv_props
+
+    shapes = [[32, 32, 32], [40, 56, 40], [48, 64, 48], [64, 64, 64], [128, 128], [256, 256]]
+    rows = []
+    for patch in shapes:
+        _, strides, kernels, patch, _ = pool_and_conv_props([1.0] * len(patch), patch)
+        feats = features_per_stage(len(strides), len(patch))
+        for bf16 in (False, True):
+            batch = 2
+            spec = {"patch": patch, "strides": strides, "kernels": kernels, "features": feats, "batch": batch,
+                    "in_ch": 1, "ncls": 3, "bf16": bf16}
+            out = subprocess.run([args.calib_python, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+            if out.returncode != 0:
+                raise RuntimeError(out.stderr[-2000:])
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            elems = activation_elements(patch, strides, feats, 3) * batch
+            rows.append({"patch": patch, "batch": batch, "bf16": bf16, "elements": elems, "net": got["net"],
+                         "measured_bytes": got["step_bytes"], "bytes_per_element": got["step_bytes"] / elems,
+                         "model_cuda_amp_bytes": elems * BYTES_PER_ELEMENT[len(patch)]})
+            print(f"calibrate {patch} bf16={bf16}: {got['step_bytes'] / 1e6:.0f} MB, "
+                  f"{got['step_bytes'] / elems:.2f} B/element", file=sys.stderr)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calibrate", action="store_true", help="only measure CPU memory vs the analytic model")
+    ap.add_argument("--calib-python", default=str(ROOT / ".venv" / "bin" / "python"),
+                    help="interpreter for calibration (needs medseg3d.networks or dynamic_network_architectures)")
     ap.add_argument("--data", type=Path, default=Path("/work/shared/data/Task04_Hippocampus"))
     ap.add_argument("--aniso", action="store_true", help="also bench a 3 mm through-plane copy")
     ap.add_argument("--np", type=int, default=2, help="processes for both tools")
@@ -210,6 +293,16 @@ def main() -> None:
     ap.add_argument("--ours-bin", default=str(ROOT / ".venv" / "bin" / "medseg3d"))
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
+    if args.calibrate:
+        rows = calibrate(args)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        print("| patch | batch | precision | activation elements | measured peak step memory | bytes/element |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {'x'.join(map(str, r['patch']))} | {r['batch']} | {'bf16 autocast' if r['bf16'] else 'fp32'} | "
+                  f"{r['elements'] / 1e6:.1f} M | {r['measured_bytes'] / 1e6:.0f} MB | {r['bytes_per_element']:.2f} |")
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench_plan_"))
     try:
         results = [bench_dataset(args.data, "iso", 4, args, tmp)]

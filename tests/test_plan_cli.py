@@ -63,6 +63,8 @@ def test_plan_configs_and_errors(tmp_path, capsys):
     assert list(Plans.load(work).configurations) == ["3d_fullres"]
     code, out = run(["plan", str(SHIPPED), "-o", str(work), "--configs", "3d_hires"], capsys)
     assert code == 2 and "3d_hires" in out and "valid" in out
+    code, out = run(["plan", str(SHIPPED), "-o", str(work), "--arch", "transformer9000"], capsys)
+    assert code == 2 and "transformer9000" in out and "unet" in out
     code, out = run(["plan", str(SHIPPED)], capsys)
     assert code == 2 and "-o WORK_DIR" in out
     code, out = run(["plan", "--show", str(tmp_path / "nowhere")], capsys)

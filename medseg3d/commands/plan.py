@@ -78,12 +78,11 @@ def register(app: typer.Typer) -> None:
         if gpu_memory is not None and gpu_memory <= 0:
             raise InputError(f"--gpu-memory must be a positive number of GB, got {gpu_memory}")
         wanted = [c.strip() for c in configs.split(",") if c.strip()] or None
-        try:
+        if arch != "unet":  # the registry imports torch (1-2 s, ~200 MB per worker); the default needs no check
             from medseg3d.networks import list_architectures
-        except ImportError:
-            list_architectures = None
-        if list_architectures is not None and arch not in list_architectures():
-            raise ConfigError(f"unknown architecture {arch!r}; valid: {', '.join(list_architectures())}")
+
+            if arch not in list_architectures():
+                raise ConfigError(f"unknown architecture {arch!r}; valid: {', '.join(list_architectures())}")
         from medseg3d.preprocess.run import plan_and_preprocess
 
         plans, report = plan_and_preprocess(
