@@ -1,0 +1,157 @@
+"""Segmentation losses as pure functions under thin modules (nnU-Net's Dice + CE with deep supervision).
+
+Shapes: logits `(B, K, *spatial)` (K classes, background = class 0), integer targets `(B, *spatial)`
+or `(B, 1, *spatial)`. Losses are computed in float32 whatever the logits' dtype (bf16/fp16 AMP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "soft_dice_loss", "cross_entropy_loss", "DiceCELoss", "deep_supervision_weights", "downsample_targets",
+    "DeepSupervisionLoss",
+]
+
+
+def _target(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Integer target `(B, *spatial)` from `(B, *spatial)` or `(B, 1, *spatial)`; shape checked."""
+    if target.dim() == logits.dim() and target.shape[1] == 1:
+        target = target[:, 0]
+    if target.shape[0] != logits.shape[0] or target.shape[1:] != logits.shape[2:]:
+        raise ValueError(f"target {tuple(target.shape)} does not match logits {tuple(logits.shape)}: expected "
+                         f"(B, *spatial) or (B, 1, *spatial) with the logits' B and spatial size")
+    return target.long()
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, include_background: bool = False,
+                   batch_dice: bool = False, smooth: float = 1e-5, ignore_index: int | None = None) -> torch.Tensor:
+    """Soft Dice loss `1 - mean_c (2 TP_c + smooth) / (2 TP_c + FP_c + FN_c + smooth)` on softmax probabilities.
+
+    logits `(B, K, *spatial)`; target integer `(B, *spatial)` or `(B, 1, *spatial)`.
+    include_background: also average class 0. batch_dice: sum TP/FP/FN over the batch before the
+    ratio (one Dice per class) instead of one Dice per sample and class. ignore_index: voxels with
+    this label count for no class. Returns a scalar; 0 for a perfect prediction (up to `smooth`).
+    """
+    tgt = _target(target, logits)
+    probs = torch.softmax(logits.float(), dim=1)
+    num_classes = probs.shape[1]
+    if ignore_index is not None:
+        valid = tgt != ignore_index
+        tgt = torch.where(valid, tgt, torch.zeros_like(tgt))
+        probs = probs * valid.unsqueeze(1)
+    onehot = torch.zeros_like(probs).scatter_(1, tgt.unsqueeze(1), 1.0)
+    if ignore_index is not None:
+        onehot = onehot * valid.unsqueeze(1)
+    axes = tuple(range(2, probs.dim()))
+    if batch_dice:
+        axes = (0,) + axes
+    tp = (probs * onehot).sum(axes)
+    pred_sum = probs.sum(axes)
+    ref_sum = onehot.sum(axes)
+    dice = (2 * tp + smooth) / torch.clamp(pred_sum + ref_sum + smooth, min=1e-8)  # 2TP+FP+FN = |P| + |R|
+    if not include_background and num_classes > 1:
+        dice = dice[..., 1:]
+    return 1.0 - dice.mean()
+
+
+def cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int | None = None,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean voxel-wise cross-entropy of logits `(B, K, *spatial)` against integer target; ignore_index skipped."""
+    tgt = _target(target, logits)
+    return F.cross_entropy(logits.float(), tgt, weight=weight,
+                           ignore_index=-100 if ignore_index is None else ignore_index)
+
+
+class DiceCELoss(nn.Module):
+    """`weight_dice * soft_dice_loss + weight_ce * cross_entropy_loss` (1:1 by default, nnU-Net's loss)."""
+
+    def __init__(self, *, include_background: bool = False, batch_dice: bool = False, smooth: float = 1e-5,
+                 ignore_index: int | None = None, weight_dice: float = 1.0, weight_ce: float = 1.0) -> None:
+        super().__init__()
+        self.include_background = include_background
+        self.batch_dice = batch_dice
+        self.smooth = smooth
+        self.ignore_index = ignore_index
+        self.weight_dice = weight_dice
+        self.weight_ce = weight_ce
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        dice = soft_dice_loss(logits, target, include_background=self.include_background, batch_dice=self.batch_dice,
+                              smooth=self.smooth, ignore_index=self.ignore_index)
+        ce = cross_entropy_loss(logits, target, ignore_index=self.ignore_index)
+        return self.weight_dice * dice + self.weight_ce * ce
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """Weights of `n` deep-supervision outputs (highest resolution first): 1/2^i, the lowest 0, sum 1.
+
+    e.g. n=3 -> [2/3, 1/3, 0]; n=1 -> [1.0].
+    """
+    if n < 1:
+        raise ValueError(f"need at least one output, got n={n}")
+    w = [1.0 / 2**i for i in range(n)]
+    if n > 1:
+        w[-1] = 0.0
+    total = sum(w)
+    return [v / total for v in w]
+
+
+def downsample_targets(target: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Nearest-neighbour copies of an integer target `(B, *patch)` (or `(B, 1, *patch)`) at each spatial shape.
+
+    Output voxel i along an axis of size n_out takes input voxel floor(i * n_in / n_out): for an
+    integer factor f that is the strided pick `[::f]` (no interpolation, no max), as nnU-Net does.
+    Returns tensors `(B, *shape)` with the target's dtype; the full shape returns the target itself.
+    """
+    if target.dim() == len(shapes[0]) + 2 and target.shape[1] == 1:
+        target = target[:, 0]
+    spatial = tuple(target.shape[1:])
+    out = []
+    for shape in shapes:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != len(spatial):
+            raise ValueError(f"output shape {shape} and target shape {spatial} differ in dimensionality")
+        t = target
+        for axis, (n_in, n_out) in enumerate(zip(spatial, shape)):
+            if n_in == n_out:
+                continue
+            if n_in % n_out == 0:
+                idx = slice(None, None, n_in // n_out)
+                t = t[(slice(None),) * (axis + 1) + (idx,)]
+            else:
+                index = (torch.arange(n_out, device=t.device) * n_in) // n_out
+                t = t.index_select(axis + 1, index)
+        out.append(t)
+    return out
+
+
+class DeepSupervisionLoss(nn.Module):
+    """Weighted sum of `loss(output_i, target_i)` over deep-supervision outputs.
+
+    forward(outputs, target): outputs is the network's list of logits (highest resolution first) or
+    one tensor; target is ONE full-resolution integer tensor `(B, *patch)` or `(B, 1, *patch)`,
+    downsampled here to each output's spatial size. weights default to
+    `deep_supervision_weights(len(outputs))`; outputs with weight 0 are not evaluated.
+    """
+
+    def __init__(self, loss: nn.Module, weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.loss = loss
+        self.weights = None if weights is None else [float(w) for w in weights]
+
+    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+        weights = self.weights if self.weights is not None else deep_supervision_weights(len(outs))
+        if len(weights) < len(outs):
+            raise ValueError(f"{len(outs)} outputs but only {len(weights)} deep-supervision weights")
+        used = [(o, w) for o, w in zip(outs, weights) if w != 0]
+        targets = downsample_targets(target, [o.shape[2:] for o, _ in used])
+        total = outs[0].new_zeros((), dtype=torch.float32)
+        for (o, w), t in zip(used, targets):
+            total = total + w * self.loss(o, t)
+        return total

@@ -1,0 +1,33 @@
+"""Encoder-decoder base class holding the output contract shared by every architecture."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+
+class EncoderDecoder(nn.Module):
+    """`encoder` (ModuleList, one module per stage) + a decoder called as `decoder(skips, all_outputs)`.
+
+    forward `(B, C, *patch)` -> in train mode with deep supervision a list of logits, highest
+    resolution first: `(B, K, *patch)`, then `(B, K, *patch / prod(strides[:s+1]))` for every
+    decoder stage down to the one just above the bottleneck (len(features) - 1 outputs, as
+    nnU-Net v2); in eval mode or with deep_supervision=False one tensor `(B, K, *patch)`.
+    The deep-supervision heads always exist, so one state_dict loads with or without them.
+    """
+
+    def __init__(self, encoder: nn.ModuleList, decoder: nn.Module, deep_supervision: bool) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.deep_supervision = deep_supervision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        skips = []
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        all_outputs = self.deep_supervision and self.training
+        outs = self.decoder(skips, all_outputs)
+        return outs if all_outputs else outs[0]
