@@ -108,6 +108,8 @@ def downsample_targets(target: torch.Tensor, shapes: Sequence[Sequence[int]]) ->
     integer factor f that is the strided pick `[::f]` (no interpolation, no max), as nnU-Net does.
     Returns tensors `(B, *shape)` with the target's dtype; the full shape returns the target itself.
     """
+    if not shapes:
+        return []
     if target.dim() == len(shapes[0]) + 2 and target.shape[1] == 1:
         target = target[:, 0]
     spatial = tuple(target.shape[1:])

@@ -1,0 +1,102 @@
+"""Networks: output contract for odd anisotropic 3D and 2D plans, gradients, registry errors, nnU-Net parity."""
+
+import math
+
+import pytest
+import torch
+
+from medseg3d.errors import ConfigError
+from medseg3d.networks import build_network, list_architectures
+
+torch.set_num_threads(1)
+
+ARCHS = ["unet", "vnet", "resenc_unet"]
+# odd, anisotropic 3D plan: the last axis is coarse (kernel 1, not pooled at first)
+PLAN_3D = dict(dims=3, strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2], [1, 2, 2]],
+               kernel_sizes=[[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3]], features=[4, 8, 12, 16])
+PATCH_3D = (16, 24, 12)
+PLAN_2D = dict(dims=2, strides=[[1, 1], [2, 2], [2, 1]], kernel_sizes=[[3, 3], [3, 3], [3, 1]], features=[4, 8, 16])
+PATCH_2D = (20, 12)
+
+
+def _sizes(patch, strides):
+    sizes, cur = [], list(patch)
+    for s in strides:
+        cur = [a // b for a, b in zip(cur, s)]
+        sizes.append(tuple(cur))
+    return sizes
+
+
+def test_registry_lists_the_three_architectures():
+    assert set(ARCHS) <= set(list_architectures())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("plan,patch", [(PLAN_3D, PATCH_3D), (PLAN_2D, PATCH_2D)], ids=["3d", "2d"])
+def test_output_contract(arch, plan, patch):
+    torch.manual_seed(0)
+    net = build_network(arch, in_channels=2, num_classes=3, **plan)
+    x = torch.randn(2, 2, *patch)
+    net.train()
+    outs = net(x)
+    assert isinstance(outs, list)
+    expected = [(2, 3, *s) for s in _sizes(patch, plan["strides"])[:-1]]  # every decoder resolution
+    assert [tuple(o.shape) for o in outs] == expected
+    net.eval()
+    with torch.no_grad():
+        out = net(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 3, *patch)
+    plain = build_network(arch, in_channels=2, num_classes=3, deep_supervision=False, **plan).train()
+    assert isinstance(plain(x), torch.Tensor)
+    plain.load_state_dict(net.state_dict())  # heads exist either way: one state_dict for both
+    plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(x), out, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradients_reach_every_parameter(arch):
+    torch.manual_seed(0)
+    net = build_network(arch, in_channels=1, num_classes=2, **PLAN_3D).train()
+    outs = net(torch.randn(2, 1, *PATCH_3D))
+    sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_autocast_and_channels_last_3d(arch):
+    torch.manual_seed(0)
+    net = build_network(arch, in_channels=1, num_classes=3, **PLAN_3D).eval()
+    x = torch.randn(1, 1, *PATCH_3D)
+    with torch.no_grad():
+        ref = net(x)
+        net_cl = net.to(memory_format=torch.channels_last_3d)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net_cl(x.to(memory_format=torch.channels_last_3d))
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 0.05
+
+
+def test_unknown_name_suggests_closest_and_lists_valid():
+    with pytest.raises(ConfigError) as err:
+        build_network("unte", in_channels=1, num_classes=2, **PLAN_2D)
+    msg = str(err.value)
+    assert "'unet'" in msg and "vnet" in msg and "resenc_unet" in msg
+
+
+@pytest.mark.parametrize("bad", [dict(features=[4, 8]), dict(strides=[[1, 1], [2, 2, 2], [2, 1]]), dict(dims=4)])
+def test_inconsistent_arguments_raise_config_error(bad):
+    with pytest.raises(ConfigError):
+        build_network("unet", in_channels=1, num_classes=2, **{**PLAN_2D, **bad})
+
+
+def test_unet_matches_nnunet_plainconvunet_parameter_count_for_hippocampus():
+    # nnU-Net v2's 3d_fullres plan for Task04_Hippocampus: 4 stages, 3x3x3 kernels, features 32..256.
+    # 5,603,177 = dynamic_network_architectures PlainConvUNet(1 -> 3 classes) at this plan, counted in
+    # the bench environment by benchmarks/bench_networks.py (which re-checks it side by side).
+    net = build_network("unet", in_channels=1, num_classes=3, dims=3, strides=[[1, 1, 1]] + [[2, 2, 2]] * 3,
+                        kernel_sizes=[[3, 3, 3]] * 4, features=[32, 64, 128, 256])
+    n = sum(p.numel() for p in net.parameters())
+    assert math.isclose(n, 5_603_177, rel_tol=0.01)
