@@ -135,6 +135,10 @@ def predict_folder(
     cfg = plans.configuration(config)
     arch = arch or cfg.architecture
     dev = resolve_device(device)
+    if models is None and folds is not None:  # a mistyped fold is reported before any work
+        have = available_folds(model_dir(work_dir, config, arch), checkpoint)
+        if any(f not in have for f in folds):
+            load_fold_models(work_dir, config, arch, folds, checkpoint, plans.hash)  # raises, listing folds
     cases = split_part(find_input_cases(input_path, plans.num_channels), num_parts, part_id)
     summary = PredictSummary()
     todo = []

@@ -28,13 +28,16 @@ __all__ = ["gaussian_importance_map", "window_starts", "mirror_variants", "slidi
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
     """Gaussian weights `(*patch_size)` float32 peaking at 1 in the patch centre, sigma = patch * sigma_scale.
 
+    Centred at `(n - 1) / 2` so the map is mirror-symmetric (for even patches nnU-Net centres at
+    `n // 2`, half a voxel off, which makes flipped inputs give slightly different stitching).
+
     Zeros (far corners) are raised to the smallest positive weight so every voxel gets some weight.
     """
     g = torch.ones(())
     for n in patch_size:
         n = int(n)
         sigma = max(n * sigma_scale, 1e-6)
-        x = torch.arange(n, dtype=torch.float64) - (n // 2)
+        x = torch.arange(n, dtype=torch.float64) - (n - 1) / 2  # symmetric (nnU-Net: n // 2), so TTA is exact
         g = g.unsqueeze(-1) * torch.exp(-0.5 * (x / sigma) ** 2)
     g = g / g.max()
     g = g.to(torch.float32)
