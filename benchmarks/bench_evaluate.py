@@ -8,7 +8,10 @@ processes, in a fresh interpreter of its own environment:
 * API: `medseg3d.evaluation.evaluate_folders` (Dice, IoU, HD95, precision/recall, volumes, PA, MPA,
   mIoU, FWIoU) vs `nnunetv2.evaluation.evaluate_predictions.compute_metrics_on_folder_simple`
   (Dice, IoU, TP/FP/FN/TN), timed inside the process, imports excluded;
-* CLI: `medseg3d evaluate` vs `nnUNetv2_evaluate_simple`, wall time of the whole command.
+* CLI: `medseg3d evaluate` vs `nnUNetv2_evaluate_simple`, wall time of the whole command;
+* serial: one process, a loop over the cases calling each tool's per-case function
+  (`evaluate_case` vs nnU-Net's `compute_metrics` with `SimpleITKIO`): the per-case work alone,
+  without either tool's pool start-up (nnU-Net's spawn pool re-imports torch in every worker).
 
 Both tools' mean Dice are printed to show they measured the same thing. Rounds alternate the order
 of the tools; the median per tool is reported.
@@ -40,6 +43,30 @@ t = time.perf_counter()
 s = evaluate_folders(sys.argv[1], sys.argv[2], labels=[1, 2], workers=int(sys.argv[3]), json_path=sys.argv[4])
 dt = time.perf_counter() - t
 print(json.dumps({"seconds": dt, "dice": [s["per_class_mean"][c]["dice"] for c in (1, 2)]}))
+"""
+
+MEDSEG_SERIAL = """
+import json, sys, time
+from pathlib import Path
+from medseg3d.evaluation.evaluate import CasePair, evaluate_case
+names = sorted(p.name for p in Path(sys.argv[1]).glob("*.nii.gz"))
+t = time.perf_counter()
+for n in names:
+    evaluate_case(CasePair(n, Path(sys.argv[1]) / n, Path(sys.argv[2]) / n), [1, 2])
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+
+NNUNET_SERIAL = """
+import json, sys, time
+from pathlib import Path
+from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+rw = SimpleITKIO()
+names = sorted(p.name for p in Path(sys.argv[1]).glob("*.nii.gz"))
+t = time.perf_counter()
+for n in names:
+    compute_metrics(str(Path(sys.argv[2]) / n), str(Path(sys.argv[1]) / n), rw, [1, 2])
+print(json.dumps({"seconds": time.perf_counter() - t}))
 """
 
 NNUNET_API = """
@@ -93,7 +120,8 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", nnUNet_raw="/tmp", nnUNet_preprocessed="/tmp", nnUNet_results="/tmp")
     bench_bin = args.bench_python.parent
     medseg_cli = [sys.executable, "-m", "medseg3d"]
-    times: dict[str, list[float]] = {"medseg3d API": [], "nnU-Net API": [], "medseg3d CLI": [], "nnU-Net CLI": []}
+    times: dict[str, list[float]] = {f"{tool} {kind}": [] for kind in ("API", "CLI", "serial")
+                                     for tool in ("medseg3d", "nnU-Net")}
     dice: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -107,23 +135,27 @@ def main() -> None:
                                    str(tmp / "m.json")], env)
                     wall, _ = _run([*medseg_cli, "evaluate", str(tmp / "pred"), str(args.data), "--labels", "1,2",
                                     "--workers", w, "--json", str(tmp / "m2.json")], env)
-                    py = sys.executable
+                    _, serial = _run([sys.executable, "-c", MEDSEG_SERIAL, str(tmp / "pred"), str(args.data)], env)
                 else:
                     py = str(args.bench_python)
+                    _, serial = _run([py, "-c", NNUNET_SERIAL, str(tmp / "pred"), str(args.data)], env)
                     _, out = _run([py, "-c", NNUNET_API, str(tmp / "pred"), str(args.data), w, str(tmp / "n.json")], env)
                     wall, _ = _run([str(bench_bin / "nnUNetv2_evaluate_simple"), str(args.data), str(tmp / "pred"),
                                     "-l", "1", "2", "-np", w, "-o", str(tmp / "n2.json")], env)
                 result = json.loads(out.strip().splitlines()[-1])
                 times[f"{tool} API"].append(result["seconds"])
                 times[f"{tool} CLI"].append(wall)
+                times[f"{tool} serial"].append(json.loads(serial.strip().splitlines()[-1])["seconds"])
                 dice[tool] = result["dice"]
-                print(f"round {r} {tool}: API {result['seconds']:.2f} s, CLI {wall:.2f} s", file=sys.stderr)
+                print(f"round {r} {tool}: API {result['seconds']:.2f} s, CLI {wall:.2f} s, "
+                      f"serial {times[f'{tool} serial'][-1]:.2f} s", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in times.items()}
     report = {
         "cases": n, "workers": args.workers, "rounds": args.rounds, "median_seconds": med,
         "all_seconds": times, "mean_dice_per_class": dice,
         "speedup_api": med["nnU-Net API"] / med["medseg3d API"],
         "speedup_cli": med["nnU-Net CLI"] / med["medseg3d CLI"],
+        "speedup_serial": med["nnU-Net serial"] / med["medseg3d serial"],
     }
     print(json.dumps(report, indent=2))
 
