@@ -1,0 +1,107 @@
+"""Checkpoints: atomic round trip, and every way a load can fail names the file and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medseg3d.errors import CheckpointError
+from medseg3d.inference.checkpoint import (
+    FORMAT_VERSION, build_model_from_checkpoint, load_checkpoint, save_checkpoint,
+)
+from medseg3d.networks import build_network
+
+torch.set_num_threads(1)
+
+KWARGS = {"dims": 3, "strides": [[1, 1, 1], [2, 2, 2]], "kernel_sizes": [[3, 3, 3], [3, 3, 3]], "features": [4, 8]}
+
+
+def payload(seed: int = 0, plan_hash: str = "a" * 64) -> dict:
+    torch.manual_seed(seed)
+    net = build_network("unet", in_channels=1, num_classes=3, deep_supervision=True, **KWARGS)
+    return {"plan_hash": plan_hash, "configuration": "3d_fullres", "architecture": "unet", "network_kwargs": KWARGS,
+            "in_channels": 1, "num_classes": 3, "model": net.state_dict(), "epoch": 7}
+
+
+def test_round_trip_rebuilds_the_same_network(tmp_path):
+    p = tmp_path / "fold_0" / "checkpoint_final.pt"
+    save_checkpoint(p, payload(1))
+    assert [f.name for f in p.parent.iterdir()] == ["checkpoint_final.pt"]  # no temp file left
+    ckpt = load_checkpoint(p, expected_plan_hash="a" * 64)
+    assert ckpt["format_version"] == FORMAT_VERSION and ckpt["epoch"] == 7
+    model = build_model_from_checkpoint(ckpt)
+    assert not model.training
+    ref = build_network("unet", in_channels=1, num_classes=3, deep_supervision=False, **KWARGS)
+    ref.load_state_dict(payload(1)["model"])
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref.eval()(x))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.95])
+def test_truncated_file_is_named_and_a_fix_suggested(tmp_path, cut):
+    p = tmp_path / "checkpoint_latest.pt"
+    save_checkpoint(p, payload())
+    raw = p.read_bytes()
+    p.write_bytes(raw[: int(len(raw) * cut)])
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(p)
+    msg = str(err.value)
+    assert "truncated or corrupt" in msg and str(p) in msg and "--resume" in msg
+
+
+def test_garbage_and_non_dict(tmp_path):
+    p = tmp_path / "c.pt"
+    p.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(p)
+    torch.save([1, 2, 3], p)
+    with pytest.raises(CheckpointError, match="does not hold"):
+        load_checkpoint(p)
+
+
+def test_unknown_format_version(tmp_path):
+    p = tmp_path / "c.pt"
+    save_checkpoint(p, {**payload(), "format_version": 99})
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        load_checkpoint(p)
+
+
+def test_missing_keys(tmp_path):
+    p = tmp_path / "c.pt"
+    bad = payload()
+    del bad["model"]
+    save_checkpoint(p, bad)
+    with pytest.raises(CheckpointError, match="lacks model"):
+        load_checkpoint(p)
+
+
+def test_other_plan_is_refused(tmp_path):
+    p = tmp_path / "c.pt"
+    save_checkpoint(p, payload(plan_hash="b" * 64))
+    with pytest.raises(CheckpointError, match="another plan") as err:
+        load_checkpoint(p, expected_plan_hash="c" * 64)
+    assert "bbbbbbbbbbbb" in str(err.value) and "retrain" in str(err.value)
+    assert load_checkpoint(p)["plan_hash"] == "b" * 64  # no hash asked for: loads
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    ckpt = payload()
+    ckpt["network_kwargs"] = {**KWARGS, "features": [4, 16]}
+    with pytest.raises(CheckpointError, match="do not fit"):
+        build_model_from_checkpoint(ckpt)
+
+
+def test_failed_save_leaves_the_old_checkpoint(tmp_path):
+    p = tmp_path / "c.pt"
+    save_checkpoint(p, payload(0))
+    before = p.read_bytes()
+    with pytest.raises(Exception):
+        save_checkpoint(p, {**payload(1), "bad": lambda: None})  # a lambda cannot be pickled
+    assert p.read_bytes() == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["c.pt"]
