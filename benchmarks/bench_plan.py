@@ -5,7 +5,7 @@
 
 Both tools get the same data, the same number of processes, an 8 GB budget and dataset
 verification. Measured per run: wall time, peak RSS of the whole process tree (sums of RSS and of PSS
-over the process and its children, sampled from /proc every 20 ms; PSS counts pages shared by forked
+over the process and its children, sampled from /proc every 50 ms; PSS counts pages shared by forked
 workers once) and the disk footprint of what each
 writes (medseg3d WORK_DIR; nnU-Net's nnUNet_preprocessed/DatasetXXX). nnU-Net's MSD conversion
 (`nnUNetv2_convert_MSD_dataset`, a step medseg3d does not need) is run once beforehand and
@@ -29,6 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _children(pid: int) -> list[int]:
+    kids = []
+    try:  # cheap where the kernel exposes it; else scan /proc
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        return kids
+    except OSError:
+        pass
     out = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -68,7 +75,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     while proc.poll() is None:
         rss, pss = _tree_memory(proc.pid)
         peak, peak_pss = max(peak, rss), max(peak_pss, pss)
-        time.sleep(0.02)
+        time.sleep(0.05)
     wall = time.perf_counter() - t0
     err = proc.stderr.read() if proc.stderr else ""
     if proc.returncode != 0:

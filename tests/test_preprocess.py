@@ -131,8 +131,8 @@ def test_preprocess_case_properties_and_inverse():
 
 def test_cache_resumes_after_interruption(tmp_path):
     spec = load_dataset(make_msd(tmp_path / "data", n_cases=4))
-    from medseg3d.plans.planner import plan_from_fingerprint
     from medseg3d.fingerprint import compute_fingerprint
+    from medseg3d.plans.planner import plan_from_fingerprint
 
     plans = plan_from_fingerprint(compute_fingerprint(spec), configs=["3d_fullres"])
     work = tmp_path / "work"

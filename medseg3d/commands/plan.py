@@ -27,7 +27,7 @@ def _fmt(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def show_plans(plans) -> None:  # noqa: ANN001 - Plans, imported lazily
+def show_plans(plans) -> None:
     """Print every configuration of `plans` as one table (rows: keys, columns: configurations)."""
     names = list(plans.configurations)
     table = Table(title=f"{plans.dataset_name or 'dataset'}: plans (axes in array order X, Y, Z; mm)")

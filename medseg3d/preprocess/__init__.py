@@ -12,7 +12,16 @@ from medseg3d.preprocess.pipeline import (
 )
 
 __all__ = [
-    "PreprocessedCase", "preprocess_case", "resample_data", "resample_seg", "compute_new_shape",
-    "seg_to_original", "probs_to_original", "case_paths", "is_cached", "list_cached_cases", "load_case",
+    "PreprocessedCase",
+    "case_paths",
+    "compute_new_shape",
+    "is_cached",
+    "list_cached_cases",
+    "load_case",
+    "preprocess_case",
+    "probs_to_original",
+    "resample_data",
+    "resample_seg",
     "save_case",
+    "seg_to_original",
 ]

@@ -24,8 +24,15 @@ if TYPE_CHECKING:
 MAX_CLASS_LOCATIONS = 10000
 
 __all__ = [
-    "PreprocessedCase", "preprocess_case", "preprocess_arrays", "sample_class_locations",
-    "resample_data", "resample_seg", "compute_new_shape", "seg_to_original", "probs_to_original",
+    "PreprocessedCase",
+    "compute_new_shape",
+    "preprocess_arrays",
+    "preprocess_case",
+    "probs_to_original",
+    "resample_data",
+    "resample_seg",
+    "sample_class_locations",
+    "seg_to_original",
 ]
 
 
