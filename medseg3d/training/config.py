@@ -1,0 +1,76 @@
+"""What the user chose for a training run (never mixed with what the plan decided).
+
+`TrainConfig` holds design.md's defaults (nnU-Net's recipe); every field has a `medseg3d train`
+flag. Plan overrides (`patch_size`, `batch_size`, `features`) are for tests and benchmarks: they
+change the run, not `plans.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from medseg3d.errors import ConfigError
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass
+class TrainConfig:
+    """Training choices; defaults are nnU-Net v2's (design.md, "Training defaults")."""
+
+    architecture: str | None = None          # None: the plan's `architecture`
+    epochs: int = 1000
+    iterations_per_epoch: int = 250
+    val_iterations: int = 50
+    batch_size: int | None = None            # None: the plan's
+    patch_size: tuple[int, ...] | None = None  # None: the plan's
+    features: list[int] | None = None        # None: the plan's (tests shrink the network)
+    lr: float = 0.01
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    poly_exponent: float = 0.9
+    grad_clip: float = 12.0
+    oversample_fg: float = 0.33
+    augment: bool = True
+    device: str = "auto"
+    amp: bool = True                         # CUDA: bf16 (fp16 + GradScaler where bf16 is missing); CPU: bf16
+    compile: bool = False
+    num_workers: int | None = None           # None: min(4, cpus - 1) on CUDA, 1 on CPU
+    seed: int = 12345
+    resume: bool = False
+    early_stopping: int | None = None        # epochs without a new best EMA pseudo-Dice before stopping
+    ema_alpha: float = 0.9                   # EMA pseudo-Dice = alpha * old + (1 - alpha) * new
+    save_every: int = 1                      # checkpoint_latest.pt every N epochs
+    final_validation: bool = True
+    val_step: float = 0.5
+    val_mirroring: bool = True
+    n_folds: int = 5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """ConfigError naming the bad value and its valid range."""
+        positive = {"epochs": self.epochs, "iterations_per_epoch": self.iterations_per_epoch, "save_every": self.save_every}
+        for name, v in positive.items():
+            if int(v) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
+        if self.val_iterations < 0:
+            raise ConfigError(f"--val-iterations must be >= 0 (got {self.val_iterations})")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive (got {self.lr})")
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+        if not 0 <= self.oversample_fg <= 1:
+            raise ConfigError(f"--oversample-fg must be in [0, 1] (got {self.oversample_fg})")
+        if self.early_stopping is not None and self.early_stopping < 1:
+            raise ConfigError(f"--early-stopping must be at least 1 epoch (got {self.early_stopping})")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"--num-workers must be >= 0 (got {self.num_workers})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

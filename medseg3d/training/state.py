@@ -1,0 +1,100 @@
+"""Run state of a fold: random states, the checkpoint payload, and restoring it for `--resume`."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medseg3d.inference.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """What changes during training besides the weights: next epoch, EMA/best pseudo-Dice, history."""
+
+    epoch: int = 0                      # the next epoch to run (0-based)
+    ema_dice: float | None = None
+    best_ema: float = -1.0
+    epochs_since_best: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and every CUDA device) random states."""
+    out: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_payload(net: nn.Module, optimizer: torch.optim.Optimizer | None, scaler: Any, state: RunState,
+                 meta: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint dict of docs/architecture.md (`meta` carries plan_hash, architecture, network_kwargs, ...)."""
+    payload = dict(meta)
+    payload.update({
+        "model": net.state_dict(),
+        "epoch": state.epoch,
+        "log": list(state.history),
+        "run_state": {"ema_dice": state.ema_dice, "best_ema": state.best_ema,
+                      "epochs_since_best": state.epochs_since_best, "stopped_early": state.stopped_early},
+    })
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
+        payload["scaler"] = scaler.state_dict() if scaler is not None else None
+        payload["rng"] = rng_states()
+    return payload
+
+
+def save(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer | None, scaler: Any, state: RunState,
+         meta: dict[str, Any]) -> None:
+    """Atomic checkpoint write (temporary file, then rename)."""
+    save_checkpoint(path, make_payload(net, optimizer, scaler, state, meta))
+
+
+def resume(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, plan_hash: str,
+           device: torch.device) -> RunState:
+    """Restore weights, optimiser, scaler, random states and run state from `path`.
+
+    CheckpointError (from `load_checkpoint`) when the file is truncated/corrupt or of another plan.
+    """
+    ckpt = load_checkpoint(path, expected_plan_hash=plan_hash, map_location=device)
+    net.load_state_dict(ckpt["model"])
+    if ckpt.get("optimizer") is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("rng"):
+        rng = dict(ckpt["rng"])
+        rng["torch"] = rng["torch"].cpu()
+        set_rng_states(rng)
+    rs = ckpt.get("run_state", {})
+    state = RunState(epoch=int(ckpt.get("epoch", 0)), ema_dice=rs.get("ema_dice"), best_ema=rs.get("best_ema", -1.0),
+                     epochs_since_best=int(rs.get("epochs_since_best", 0)), history=list(ckpt.get("log", [])),
+                     stopped_early=bool(rs.get("stopped_early", False)))
+    log.info("resumed from %s at epoch %d", path, state.epoch)
+    return state

@@ -1,0 +1,322 @@
+"""The training loop of one fold: `train_fold(work_dir, config_name, fold, train_config) -> fold folder`.
+
+Recipe (design.md): SGD Nesterov (lr 0.01, momentum 0.99, wd 3e-5), poly lr (exponent 0.9),
+Dice + CE with deep supervision, gradient clipping at 12, AMP (bf16 on CPU and on CUDA where
+supported, else fp16 + GradScaler), a third of each batch on foreground, batched augmentation in
+persistent worker processes. Every epoch: validation pseudo-Dice on patches, its EMA picks
+`checkpoint_best.pt`, `checkpoint_latest.pt` + metrics.csv + progress.png are rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from medseg3d.data.augment import AugmentParams
+from medseg3d.data.loader import StreamSpec, make_loader, next_batch
+from medseg3d.data.splits import fold_cases, load_or_create_splits
+from medseg3d.errors import ConfigError, OutputExistsError, PlanError
+from medseg3d.logging_utils import add_file_log, console
+from medseg3d.training import state as st
+from medseg3d.training.config import TrainConfig
+from medseg3d.training.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_flag, \
+    cleanup, init_distributed
+from medseg3d.training.logger import write_epoch_artifacts
+from medseg3d.training.validation import confusion_counts, dice_from_counts, final_validation
+
+log = logging.getLogger(__name__)
+
+
+def fold_dir_of(work_dir: str | Path, config_name: str, arch: str, fold: int | str) -> Path:
+    """`WORK_DIR/results/<CONFIG>/<ARCH>/fold_<K>/` (K an int or `all`)."""
+    return Path(work_dir) / "results" / config_name / arch / f"fold_{fold}"
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    """auto -> CUDA when available else CPU; under DDP on CUDA the rank's LOCAL_RANK GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+        return torch.device("cuda", info.local_rank) if info.enabled else torch.device(name)
+    return torch.device("cpu")
+
+
+def amp_setup(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, Any]:
+    """(autocast dtype or None, GradScaler or None): bf16 where supported, fp16 + scaler on older GPUs."""
+    if not enabled:
+        return None, None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, None
+        return torch.float16, torch.amp.GradScaler("cuda")
+    return torch.bfloat16, None
+
+
+def poly_lr(lr0: float, epoch: int, epochs: int, exponent: float) -> float:
+    """nnU-Net's poly schedule: `lr0 * (1 - epoch / epochs) ** exponent`."""
+    return lr0 * (1 - epoch / epochs) ** exponent
+
+
+def _train_cases(work_dir: Path, data_identifier: str) -> list[str]:
+    from medseg3d.preprocess.cache import is_cached, list_cached_cases
+
+    cases = [c for c in list_cached_cases(work_dir, data_identifier) if is_cached(work_dir, data_identifier, c)]
+    if not cases:
+        raise PlanError(f"no labelled case in the preprocessed cache {work_dir / 'preprocessed' / data_identifier}; "
+                        "run `medseg3d plan DATA_DIR -o WORK_DIR` first (it preprocesses the training cases)")
+    return cases
+
+
+def _augment_params(dims: int, mirror_axes: tuple[int, ...]) -> AugmentParams:
+    # 2d: in-plane rotation over the full circle (nnU-Net's 2D range); 3d: +-30 degrees per axis
+    return AugmentParams(rotation_deg=180.0 if dims == 2 else 30.0, mirror_axes=tuple(mirror_axes))
+
+
+def _default_workers(device: torch.device) -> int:
+    cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus - 1)) if device.type == "cuda" else 1
+
+
+def train_fold(work_dir: str | Path, config_name: str, fold: int | str,
+               train_config: TrainConfig | None = None) -> Path:
+    """Train one fold (0..4 or "all") of `config_name` and return its folder (see `fold_dir_of`).
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 writes files.
+    """
+    tc = train_config or TrainConfig()
+    work_dir = Path(work_dir)
+    from medseg3d.plans import Plans
+
+    plans = Plans.load(work_dir / "plans.json")
+    cfg = plans.configuration(config_name)
+    arch = (tc.architecture or cfg.architecture).lower()
+    dev_kind = "cuda" if (tc.device.startswith("cuda") or (tc.device == "auto" and torch.cuda.is_available())) else "cpu"
+    info = init_distributed(dev_kind)
+    try:
+        return _train(work_dir, plans, cfg, config_name, arch, fold, tc, info)
+    finally:
+        cleanup(info)
+
+
+def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fold: int | str, tc: TrainConfig,
+           info: DistInfo) -> Path:
+    from medseg3d.losses import DeepSupervisionLoss, DiceCELoss
+    from medseg3d.networks import build_network
+
+    device = resolve_device(tc.device, info)
+    all_cases = _train_cases(work_dir, cfg.data_identifier)
+    if info.is_main:
+        splits = load_or_create_splits(work_dir, all_cases, tc.n_folds, write=str(fold) != "all")
+    barrier(info)
+    if not info.is_main:
+        splits = load_or_create_splits(work_dir, all_cases, tc.n_folds, write=False)
+    train_cases, val_cases = fold_cases(splits, fold, all_cases)
+    fold_dir = fold_dir_of(work_dir, config_name, arch, fold)
+    latest = fold_dir / "checkpoint_latest.pt"
+    if info.is_main:
+        if latest.exists() and not tc.resume:
+            raise OutputExistsError(f"{fold_dir} already holds a training run; continue it with --resume, "
+                                    "or delete the folder to start over")
+        fold_dir.mkdir(parents=True, exist_ok=True)
+    handler = add_file_log(fold_dir / "training_log.txt") if info.is_main else None
+    try:
+        st.seed_everything(tc.seed + 1000 * info.rank)
+        kwargs = cfg.network_kwargs()
+        if tc.features is not None:
+            if len(tc.features) != len(kwargs["features"]):
+                raise ConfigError(f"features override needs {len(kwargs['features'])} values (one per stage), "
+                                  f"got {len(tc.features)}")
+            kwargs["features"] = [int(f) for f in tc.features]
+        patch = tuple(int(p) for p in (tc.patch_size or cfg.patch_size))
+        if len(patch) != cfg.dims:
+            raise ConfigError(f"patch size {patch} has {len(patch)} values; configuration {config_name} is {cfg.dims}D")
+        batch = int(tc.batch_size or cfg.batch_size)
+        rank_batch = max(1, batch // info.world_size) if info.enabled else batch
+        num_classes = plans.num_classes
+        net = build_network(arch, in_channels=plans.num_channels, num_classes=num_classes, deep_supervision=True,
+                            **kwargs).to(device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        opt = torch.optim.SGD(net.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
+                              nesterov=True)
+        amp_dtype, scaler = amp_setup(device, tc.amp)
+        meta = {"plan_hash": plans.hash, "configuration": config_name, "architecture": arch,
+                "network_kwargs": kwargs, "in_channels": plans.num_channels, "num_classes": num_classes,
+                "fold": str(fold), "patch_size": list(patch), "train_config": tc.to_dict()}
+        state = st.RunState()
+        if tc.resume:
+            if latest.exists():
+                state = st.resume(latest, net, opt, scaler, plans.hash, device)
+            else:
+                log.warning("--resume: no %s yet, starting this fold from epoch 0", latest)
+        model: torch.nn.Module = net
+        if tc.compile:
+            model = torch.compile(net)
+        if info.enabled:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        loss_fn = DeepSupervisionLoss(DiceCELoss())
+        val_loss_fn = DiceCELoss()
+        log.info("fold %s of %s/%s: %d training, %d validation cases; patch %s, batch %d%s, %s, AMP %s, device %s",
+                 fold, config_name, arch, len(train_cases), len(val_cases), patch, batch,
+                 f" ({rank_batch}/rank x {info.world_size})" if info.enabled else "",
+                 f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters",
+                 amp_dtype, device)
+        workers = tc.num_workers if tc.num_workers is not None else _default_workers(device)
+        # a resumed run gets fresh (but reproducible) data streams: seeded by epoch and rank too
+        stream_seed = [tc.seed, info.rank, state.epoch]
+        train_spec = StreamSpec(work_dir, cfg.data_identifier, train_cases, patch, rank_batch, cfg.slice_axis,
+                                tc.oversample_fg, _augment_params(cfg.dims, cfg.mirror_axes) if tc.augment else None,
+                                seed=int(np.random.SeedSequence(stream_seed).generate_state(1)[0]))
+        val_spec = StreamSpec(work_dir, cfg.data_identifier, val_cases or train_cases, patch, rank_batch,
+                              cfg.slice_axis, tc.oversample_fg, None,
+                              seed=int(np.random.SeedSequence(stream_seed + [7]).generate_state(1)[0]))
+        if state.epoch < tc.epochs and not state.stopped_early:
+            train_iter = iter(make_loader(train_spec, workers, pin_memory=device.type == "cuda"))
+            val_iter = iter(make_loader(val_spec, 0))
+            ctx = dict(model=model, net=net, opt=opt, scaler=scaler, amp_dtype=amp_dtype, device=device,
+                       loss_fn=loss_fn, val_loss_fn=val_loss_fn, num_classes=num_classes, info=info, meta=meta)
+            _epochs(state, tc, fold_dir, train_iter, val_iter, plans, ctx)
+        if info.is_main:
+            st.save(fold_dir / "checkpoint_final.pt", net, None, None, state, meta)
+            if tc.final_validation and val_cases:
+                final_validation(net, work_dir, plans, config_name, val_cases, fold_dir / "validation", device,
+                                 step=tc.val_step, mirroring=tc.val_mirroring)
+        barrier(info)
+        return fold_dir
+    finally:
+        if handler is not None:
+            logging.getLogger("medseg3d").removeHandler(handler)
+            handler.close()
+
+
+def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any, val_iter: Any, plans: Any,
+            ctx: dict[str, Any]) -> None:
+    info: DistInfo = ctx["info"]
+    labels = [plans.labels.get(c, str(c)) for c in range(1, ctx["num_classes"])]
+    columns = [TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not info.is_main, transient=True) as bar:
+        while state.epoch < tc.epochs:
+            epoch = state.epoch
+            lr = poly_lr(tc.lr, epoch, tc.epochs, tc.poly_exponent)
+            for g in ctx["opt"].param_groups:
+                g["lr"] = lr
+            task = bar.add_task("train", total=tc.iterations_per_epoch, epoch=epoch, loss=float("nan"))
+            t0 = time.perf_counter()
+            train_loss, wait = _train_epoch(tc, train_iter, ctx, bar, task)
+            train_time = time.perf_counter() - t0
+            bar.remove_task(task)
+            val_loss, counts = _validate(tc, val_iter, ctx)
+            epoch_time = time.perf_counter() - t0
+            dice = dice_from_counts(counts) if counts is not None else []
+            finite = [d for d in dice if not math.isnan(d)]
+            mean_dice = float(np.mean(finite)) if finite else None
+            if mean_dice is not None:
+                state.ema_dice = mean_dice if state.ema_dice is None else \
+                    tc.ema_alpha * state.ema_dice + (1 - tc.ema_alpha) * mean_dice
+            row: dict[str, Any] = {
+                "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "mean_pseudo_dice": mean_dice,
+                "ema_pseudo_dice": state.ema_dice, "lr": lr, "epoch_time_s": epoch_time,
+                "data_wait_fraction": wait / train_time if train_time > 0 else 0.0,
+                "iterations_per_s": tc.iterations_per_epoch / train_time if train_time > 0 else 0.0,
+            }
+            row.update({f"pseudo_dice_{name}": d for name, d in zip(labels, dice)})
+            state.history.append(row)
+            state.epoch = epoch + 1
+            improved = state.ema_dice is not None and state.ema_dice > state.best_ema
+            if improved:
+                state.best_ema, state.epochs_since_best = float(state.ema_dice), 0
+            else:
+                state.epochs_since_best += 1
+            stop = tc.early_stopping is not None and state.epochs_since_best >= tc.early_stopping
+            stop = broadcast_flag(stop, info, ctx["device"])
+            state.stopped_early = stop and state.epoch < tc.epochs
+            if info.is_main:
+                if improved:
+                    st.save(fold_dir / "checkpoint_best.pt", ctx["net"], None, None, state, ctx["meta"])
+                if state.epoch % tc.save_every == 0 or state.epoch == tc.epochs or stop:
+                    st.save(fold_dir / "checkpoint_latest.pt", ctx["net"], ctx["opt"], ctx["scaler"], state,
+                            ctx["meta"])
+                write_epoch_artifacts(state.history, fold_dir)
+                log.info("epoch %d/%d: train loss %.4f, val loss %s, pseudo-Dice %s (EMA %s), lr %.2e, %.1f s, "
+                         "data wait %.1f%%", epoch + 1, tc.epochs, train_loss,
+                         "-" if val_loss is None else f"{val_loss:.4f}",
+                         ", ".join(f"{n} {d:.3f}" for n, d in zip(labels, dice)) or "-",
+                         "-" if state.ema_dice is None else f"{state.ema_dice:.4f}", lr, epoch_time,
+                         100 * row["data_wait_fraction"])
+            if stop:
+                log.info("early stopping: no new best EMA pseudo-Dice for %d epochs", tc.early_stopping)
+                break
+
+
+def _autocast(ctx: dict[str, Any]) -> Any:
+    dt = ctx["amp_dtype"]
+    return torch.autocast(ctx["device"].type, dtype=dt) if dt is not None else nullcontext()
+
+
+def _train_epoch(tc: TrainConfig, it: Any, ctx: dict[str, Any], bar: Progress, task: Any) -> tuple[float, float]:
+    """Run one epoch of iterations; returns (mean train loss over ranks, seconds spent waiting for data)."""
+    model, opt, scaler, device = ctx["model"], ctx["opt"], ctx["scaler"], ctx["device"]
+    model.train()
+    total = torch.zeros((), device=device)
+    wait = 0.0
+    for _ in range(tc.iterations_per_epoch):
+        t = time.perf_counter()
+        image, label = next_batch(it)
+        image = image.to(device, non_blocking=True)
+        label = label.to(device, non_blocking=True)
+        wait += time.perf_counter() - t
+        opt.zero_grad(set_to_none=True)
+        with _autocast(ctx):
+            outputs = model(image)
+        loss = ctx["loss_fn"](outputs, label)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+        total += loss.detach()
+        bar.update(task, advance=1, loss=float(loss.detach()))
+    mean = all_reduce_mean(total / tc.iterations_per_epoch, ctx["info"])
+    return float(mean), wait
+
+
+@torch.no_grad()
+def _validate(tc: TrainConfig, it: Any, ctx: dict[str, Any]) -> tuple[float | None, torch.Tensor | None]:
+    """Loss and `(3, K-1)` tp/fp/fn over `val_iterations` validation patches (summed over ranks)."""
+    if tc.val_iterations == 0:
+        return None, None
+    net, device, k = ctx["net"], ctx["device"], ctx["num_classes"]
+    net.eval()
+    counts = torch.zeros(3, k - 1, dtype=torch.float64, device=device)
+    loss = torch.zeros((), device=device)
+    for _ in range(tc.val_iterations):
+        image, label = next_batch(it)
+        image, label = image.to(device), label.to(device)
+        with _autocast(ctx):
+            logits = net(image)
+        if isinstance(logits, (list, tuple)):
+            logits = logits[0]
+        logits = logits.float()
+        loss += ctx["val_loss_fn"](logits, label)
+        counts += confusion_counts(logits, label, k)
+    net.train()
+    info = ctx["info"]
+    return float(all_reduce_mean(loss / tc.val_iterations, info)), all_reduce_sum(counts, info)
