@@ -1,0 +1,183 @@
+"""Forward+backward of medseg3d's `unet` vs nnU-Net's PlainConvUNet (and MONAI's DynUNet) on the CPU.
+
+Run in the bench venv (nnunetv2, dynamic_network_architectures and monai installed, medseg3d
+installed with `pip install -e . --no-deps`):
+
+    /work/venv-bench/bin/python benchmarks/bench_networks.py --threads 2 --json /tmp/bench_networks.json
+
+At nnU-Net v2's 3d_fullres plan for Task04_Hippocampus (read from `--nnunet-plans nnUNetPlans.json`
+when given, else the values nnU-Net printed for the 208 cases: patch 40x56x40, batch 7, 4 stages,
+3x3x3 kernels, features 32-256, 3 classes) it builds the three networks with the same seed, checks
+parameter counts, then times one training step (forward, deep-supervised Dice+CE loss, backward)
+per network and precision mode, the networks interleaved within every repetition so that load
+from other processes hits them alike. Peak memory: each (network, mode) runs alone in a fresh
+child process; the figure is the rise of the process's peak RSS (VmHWM) over its RSS after
+building the network and the batch. Prints a markdown table of medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PLAN = dict(patch=[40, 56, 40], batch=7, in_channels=1, num_classes=3,
+            strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 4,
+            features=[32, 64, 128, 256])
+MODES = ("fp32", "bf16", "bf16_cl")
+NETS = ("ours", "nnunet", "dynunet")
+
+
+def load_nnunet_plan(path: Path) -> dict:
+    """3d_fullres of an nnUNetPlans.json as PLAN's keys (nnU-Net's axis order; the network does not care)."""
+    plans = json.loads(path.read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    arch = cfg["architecture"]["arch_kwargs"]
+    return dict(PLAN, patch=cfg["patch_size"], batch=cfg["batch_size"], strides=arch["strides"],
+                kernel_sizes=arch["kernel_sizes"], features=arch["features_per_stage"])
+
+
+def build(name: str, plan: dict) -> nn.Module:
+    torch.manual_seed(0)
+    common = dict(strides=plan["strides"], kernel_sizes=plan["kernel_sizes"])
+    if name == "ours":
+        from medseg3d.networks import build_network
+
+        return build_network("unet", in_channels=plan["in_channels"], num_classes=plan["num_classes"], dims=3,
+                             features=plan["features"], **common)
+    if name == "nnunet":
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+        n = len(plan["features"])
+        return PlainConvUNet(plan["in_channels"], n, plan["features"], nn.Conv3d, plan["kernel_sizes"],
+                             plan["strides"], 2, plan["num_classes"], 2, True, nn.InstanceNorm3d,
+                             {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
+                             deep_supervision=True)
+    if name == "dynunet":
+        from monai.networks.nets import DynUNet
+
+        n = len(plan["features"])
+        return DynUNet(3, plan["in_channels"], plan["num_classes"], plan["kernel_sizes"], plan["strides"],
+                       plan["strides"][1:], filters=plan["features"], norm_name=("instance", {"affine": True}),
+                       act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+                       deep_supervision=True, deep_supr_num=n - 2, res_block=False)
+    raise ValueError(name)
+
+
+def make_step(name: str, plan: dict, mode: str):
+    """(net, step()) where step runs forward + deep-supervised Dice+CE + backward once."""
+    from medseg3d.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
+
+    net = build(name, plan).train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(plan["batch"], plan["in_channels"], *plan["patch"], generator=g)
+    y = torch.randint(0, plan["num_classes"], (plan["batch"], *plan["patch"]), generator=g)
+    if mode.endswith("_cl"):
+        net = net.to(memory_format=torch.channels_last_3d)
+        x = x.to(memory_format=torch.channels_last_3d)
+    loss_fn = DeepSupervisionLoss(DiceCELoss())
+    dtype = torch.bfloat16 if mode.startswith("bf16") else None
+
+    def step() -> None:
+        net.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            out = net(x)
+            if name == "dynunet":  # (B, n_out, K, *patch): every head upsampled to the full patch
+                w = deep_supervision_weights(out.shape[1])
+                loss = sum(wi * loss_fn.loss(out[:, i], y) for i, wi in enumerate(w) if wi)
+            else:
+                loss = loss_fn(out, y)
+        loss.backward()
+
+    return net, step
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def child_memory(name: str, mode: str, plan: dict, threads: int) -> None:
+    """Child process: print JSON {peak_rise_mib} of two training steps."""
+    torch.set_num_threads(threads)
+    _, step = make_step(name, plan, mode)
+    base = _rss_kib("VmRSS")
+    for _ in range(2):
+        step()
+    print(json.dumps({"peak_rise_mib": (_rss_kib("VmHWM") - base) / 1024}))
+
+
+def measure_memory(name: str, mode: str, plan_json: str, threads: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", name, mode, "--plan-json", plan_json,
+                          "--threads", str(threads)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rise_mib"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3, help="timed steps per network and mode (after 1 warm-up)")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--nets", default=",".join(NETS))
+    ap.add_argument("--nnunet-plans", type=Path, default=None, help="nnUNetPlans.json of the hippocampus")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--plan-json", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    plan = json.loads(args.plan_json) if args.plan_json else (
+        load_nnunet_plan(args.nnunet_plans) if args.nnunet_plans else PLAN)
+    if args.child:
+        child_memory(args.child[0], args.child[1], plan, args.threads)
+        return
+    torch.set_num_threads(args.threads)
+    nets, modes = args.nets.split(","), args.modes.split(",")
+    params = {n: sum(p.numel() for p in build(n, plan).parameters()) for n in nets}
+    print(f"plan: {plan}\ntorch {torch.__version__}, threads {args.threads}\nparameters: {params}", flush=True)
+    times: dict[tuple[str, str], list[float]] = {}
+    for mode in modes:
+        steps = {n: make_step(n, plan, mode)[1] for n in nets}
+        for n in nets:
+            steps[n]()  # warm-up
+        for r in range(args.reps):
+            for n in (nets if r % 2 == 0 else nets[::-1]):
+                t0 = time.perf_counter()
+                steps[n]()
+                times.setdefault((n, mode), []).append(time.perf_counter() - t0)
+        print(mode, {n: [round(t, 2) for t in times[(n, mode)]] for n in nets}, flush=True)
+        del steps
+    mem: dict[tuple[str, str], float] = {}
+    if not args.no_memory:
+        for mode in modes:
+            for n in nets:
+                mem[(n, mode)] = measure_memory(n, mode, json.dumps(plan), args.threads)
+            print(mode, "peak rise MiB", {n: round(mem[(n, mode)]) for n in nets}, flush=True)
+    rows = []
+    for mode in modes:
+        for n in nets:
+            med = statistics.median(times[(n, mode)])
+            ref = statistics.median(times[("nnunet", mode)]) if "nnunet" in nets else float("nan")
+            rows.append(dict(net=n, mode=mode, params=params[n], median_s=med, times=times[(n, mode)],
+                             speedup_vs_nnunet=ref / med, peak_rise_mib=mem.get((n, mode))))
+    print("\n| network | mode | parameters | step s (median) | speed vs nnU-Net | peak RSS rise MiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        m = f"{r['peak_rise_mib']:.0f}" if r["peak_rise_mib"] is not None else "n/a"
+        print(f"| {r['net']} | {r['mode']} | {r['params']:,} | {r['median_s']:.2f} | "
+              f"{r['speedup_vs_nnunet']:.2f}x | {m} |")
+    if args.json:
+        args.json.write_text(json.dumps(dict(plan=plan, threads=args.threads, torch=torch.__version__, rows=rows),
+                                        indent=1))
+
+
+if __name__ == "__main__":
+    main()
