@@ -2,8 +2,8 @@
 
 Tensors are `(B, C, X, Y[, Z])`; per-axis lists (kernel sizes, strides) follow the patch's axis
 order. Instance norm is affine with eps 1e-5 as in nnU-Net; it is computed as a `GroupNorm` with
-one group per channel (the same function and parameters as `InstanceNormNd(affine=True)`, and
-torch's CPU group-norm kernel keeps channels_last inputs in their format instead of copying).
+one group per channel: the same function and parameters as `InstanceNormNd(affine=True)`, and
+faster on the CPU (torch's instance norm reshapes to a batch norm of B*C channels).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -39,10 +40,17 @@ def avg_pool(dims: int, stride: Sequence[int]) -> nn.Module:
 
 
 class InstanceNorm(nn.GroupNorm):
-    """Affine instance norm over the spatial axes of `(B, C, *spatial)` (GroupNorm with C groups)."""
+    """Affine instance norm over the spatial axes of `(B, C, *spatial)` (GroupNorm with C groups).
+
+    Channels-last inputs are made contiguous first: torch's CPU group-norm on channels_last_3d
+    ran 3-5x slower than on contiguous memory (benchmarks/bench_networks.py, docs/networks.md).
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__(channels, channels, eps=NORM_EPS, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
 
 
 def activation(kind: str, channels: int) -> nn.Module:
