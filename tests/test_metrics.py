@@ -54,10 +54,10 @@ def test_region_metrics_class_only_in_prediction():
 @pytest.mark.parametrize(
     ("label", "expected"),
     [
-        (1, dict(tp=2, fp=1, fn=0, dice=4 / 5, iou=2 / 3, precision=2 / 3, recall=1.0,
-                 ref_voxels=2, pred_voxels=3, ref_volume_mm3=12.0, pred_volume_mm3=18.0)),
-        (2, dict(tp=1, fp=0, fn=1, dice=2 / 3, iou=1 / 2, precision=1.0, recall=1 / 2,
-                 ref_voxels=2, pred_voxels=1, ref_volume_mm3=12.0, pred_volume_mm3=6.0)),
+        (1, {"tp": 2, "fp": 1, "fn": 0, "dice": 4 / 5, "iou": 2 / 3, "precision": 2 / 3, "recall": 1.0,
+         "ref_voxels": 2, "pred_voxels": 3, "ref_volume_mm3": 12.0, "pred_volume_mm3": 18.0}),
+        (2, {"tp": 1, "fp": 0, "fn": 1, "dice": 2 / 3, "iou": 1 / 2, "precision": 1.0, "recall": 1 / 2,
+         "ref_voxels": 2, "pred_voxels": 1, "ref_volume_mm3": 12.0, "pred_volume_mm3": 6.0}),
     ],
 )
 def test_per_class_metrics_by_hand(label, expected):

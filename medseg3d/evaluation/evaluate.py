@@ -50,7 +50,7 @@ class CasePair:
 def case_key(filename: str) -> str:
     """Matching key of a file name: no NIfTI suffix, no trailing `_0000` channel index."""
     stem = strip_nifti_suffix(filename)
-    return stem[:-5] if stem.endswith("_0000") else stem
+    return stem.removesuffix("_0000")
 
 
 def list_label_files(folder: Path) -> dict[str, Path]:
