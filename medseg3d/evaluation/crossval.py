@@ -115,7 +115,7 @@ def evaluate_crossval(work_dir: str | Path, config: str, arch: str | None = None
     work_dir = Path(work_dir)
     plans = Plans.load(work_dir)
     conf = plans.configuration(config)
-    arch = arch or conf.architecture
+    arch = arch or conf.raw.get("architecture") or "unet"
     model_dir = model_dir_of(work_dir, config, arch)
     if not model_dir.is_dir():
         raise InputError(f"{model_dir} does not exist; train it first or check --config/--arch")
