@@ -1,7 +1,77 @@
-"""`medseg3d train` (being written; registers nothing yet)."""
+"""`medseg3d train`: train one fold of a plan configuration (resumable; DDP under torchrun)."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
+
+from medseg3d.errors import ConfigError
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{what} {text!r} must be integers separated by commas, e.g. 40,56,40") from exc
+
+
+def _fold(text: str) -> int | str:
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise ConfigError(f"--fold {text!r} must be a fold number (0-4) or 'all'") from exc
 
 
 def register(app: typer.Typer) -> None:
     """Add the `train` command to `app`."""
+
+    @app.command("train")
+    def train(
+        work_dir: Path = typer.Argument(..., help="WORK_DIR written by `medseg3d plan` (plans.json + preprocessed/)."),
+        config: str = typer.Option("3d_fullres", "--config", "-c", help="Plan configuration: 2d, 3d_fullres, ..."),
+        fold: str = typer.Option("0", "--fold", "-f", help="Fold 0-4 of splits.json, or 'all' (every case trains)."),
+        arch: str | None = typer.Option(None, "--arch", help="Architecture (default: the plan's, unet)."),
+        epochs: int = typer.Option(1000, "--epochs", help="Number of epochs."),
+        iterations: int = typer.Option(250, "--iterations-per-epoch", help="Training iterations per epoch."),
+        val_iterations: int = typer.Option(50, "--val-iterations", help="Validation patches batches per epoch."),
+        batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size (default: the plan's)."),
+        patch_size: str | None = typer.Option(None, "--patch-size", help="Patch override, e.g. 40,56,40."),
+        features: str | None = typer.Option(None, "--features", help="Features per stage override, e.g. 16,32,64,128."),
+        lr: float = typer.Option(0.01, "--lr", help="Initial learning rate (poly decay, exponent 0.9)."),
+        momentum: float = typer.Option(0.99, "--momentum", help="SGD Nesterov momentum."),
+        weight_decay: float = typer.Option(3e-5, "--weight-decay", help="SGD weight decay."),
+        grad_clip: float = typer.Option(12.0, "--grad-clip", help="Gradient norm clipping."),
+        oversample_fg: float = typer.Option(0.33, "--oversample-fg", help="Fraction of each batch centred on foreground."),
+        augment: bool = typer.Option(True, "--augment/--no-augment", help="Data augmentation."),
+        device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+        amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision (bf16; fp16 + GradScaler on older GPUs)."),
+        compile_: bool = typer.Option(False, "--compile", help="torch.compile the network."),
+        num_workers: int | None = typer.Option(None, "--num-workers", help="Augmentation worker processes."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from checkpoint_latest.pt."),
+        seed: int = typer.Option(12345, "--seed", help="Random seed (per rank: seed + 1000 * rank)."),
+        early_stopping: int | None = typer.Option(None, "--early-stopping",
+                                                  help="Stop after this many epochs without a new best EMA pseudo-Dice."),
+        save_every: int = typer.Option(1, "--save-every", help="Write checkpoint_latest.pt every N epochs."),
+        final_validation: bool = typer.Option(True, "--final-validation/--no-final-validation",
+                                              help="Sliding-window validation of the fold's cases at the end."),
+        val_tta: bool = typer.Option(True, "--val-tta/--no-val-tta", help="Mirror TTA in the final validation."),
+    ) -> None:
+        """Train one fold with nnU-Net's recipe; writes WORK_DIR/results/CONFIG/ARCH/fold_K/."""
+        from medseg3d.training import TrainConfig, train_fold
+
+        patch = _ints(patch_size, "--patch-size")
+        tc = TrainConfig(
+            architecture=arch, epochs=epochs, iterations_per_epoch=iterations, val_iterations=val_iterations,
+            batch_size=batch_size, patch_size=tuple(patch) if patch else None,
+            features=_ints(features, "--features"), lr=lr, momentum=momentum, weight_decay=weight_decay,
+            grad_clip=grad_clip, oversample_fg=oversample_fg, augment=augment, device=device, amp=amp,
+            compile=compile_, num_workers=num_workers, seed=seed, resume=resume, early_stopping=early_stopping,
+            save_every=save_every, final_validation=final_validation, val_mirroring=val_tta,
+        )
+        out = train_fold(work_dir, config, _fold(fold), tc)
+        typer.echo(f"trained -> {out}")

@@ -282,6 +282,9 @@ def _train_epoch(tc: TrainConfig, it: Any, ctx: dict[str, Any], bar: Progress, t
         with _autocast(ctx):
             outputs = model(image)
         loss = ctx["loss_fn"](outputs, label)
+        if ctx["info"].enabled and isinstance(outputs, (list, tuple)):
+            # outputs with deep-supervision weight 0 get no gradient; DDP needs every parameter in the graph
+            loss = loss + 0.0 * sum(o.float().sum() for o in outputs[1:])
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)

@@ -1,0 +1,174 @@
+"""Training on the shipped hippocampus_mini with a tiny network and patch (CPU, fp32 for speed)."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medseg3d.cli import main
+from medseg3d.training.config import TrainConfig
+from medseg3d.training.trainer import poly_lr, train_fold
+
+torch.set_num_threads(1)
+DATA = Path(__file__).resolve().parents[1] / "medseg3d" / "resources" / "hippocampus_mini"
+TINY = ["--patch-size", "16,24,16", "--features", "4,8,16,16", "--batch-size", "2", "--no-amp", "--val-iterations",
+        "2", "--no-val-tta"]
+
+
+def cli(argv: list[str]) -> int:
+    """Exit code of `medseg3d ARGV` run in-process."""
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory) -> Path:
+    wd = tmp_path_factory.mktemp("work")
+    assert cli(["plan", str(DATA), "-o", str(wd)]) == 0
+    return wd
+
+
+def _copy(planned: Path, tmp_path: Path) -> Path:
+    wd = tmp_path / "work"
+    shutil.copytree(planned, wd)
+    return wd
+
+
+def _rows(fold_dir: Path) -> list[dict]:
+    with open(fold_dir / "metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_two_epochs_write_every_artefact(planned, tmp_path):
+    wd = _copy(planned, tmp_path)
+    rc = cli(["train", str(wd), "--fold", "0", "--epochs", "2", "--iterations-per-epoch", "3", "--num-workers", "1",
+               *TINY])
+    assert rc == 0
+    fd = wd / "results" / "3d_fullres" / "unet" / "fold_0"
+    for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "training_log.txt",
+                 "metrics.csv", "progress.png"):
+        assert (fd / name).stat().st_size > 0, name
+    assert (fd / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    rows = _rows(fd)
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    for col in ("train_loss", "val_loss", "lr", "epoch_time_s", "data_wait_fraction", "pseudo_dice_Anterior",
+                "pseudo_dice_Posterior"):
+        assert rows[0][col] != "", col
+    assert 0 <= float(rows[1]["data_wait_fraction"]) <= 1
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"]) == pytest.approx(0.01)
+    splits = json.loads((wd / "splits.json").read_text())
+    summary = json.loads((fd / "validation" / "summary.json").read_text())
+    assert sorted(c["case"] for c in summary["cases"]) == sorted(splits[0]["val"])
+    assert set(summary["mean_dice"]) == {"1", "2"}
+    assert len(list((fd / "validation").glob("*.nii.gz"))) == len(splits[0]["val"])
+    ckpt = torch.load(fd / "checkpoint_final.pt", weights_only=False)
+    plan_hash = __import__("medseg3d.plans", fromlist=["Plans"]).Plans.load(wd / "plans.json").hash
+    assert ckpt["plan_hash"] == plan_hash and ckpt["epoch"] == 2 and ckpt["network_kwargs"]["features"] == [4, 8, 16, 16]
+    assert "epoch 2/2" in (fd / "training_log.txt").read_text()
+    # a second run without --resume refuses to overwrite the fold
+    assert cli(["train", str(wd), "--fold", "0", "--epochs", "2", "--iterations-per-epoch", "1", *TINY]) == 2
+
+
+def test_2d_configuration_trains_on_slices(planned, tmp_path):
+    wd = _copy(planned, tmp_path)
+    tc = TrainConfig(epochs=1, iterations_per_epoch=2, val_iterations=1, patch_size=(16, 24), batch_size=4,
+                     features=[4, 8, 16, 16], amp=False, num_workers=0, final_validation=False)
+    fd = train_fold(wd, "2d", "all", tc)
+    assert fd.name == "fold_all"
+    ckpt = torch.load(fd / "checkpoint_final.pt", weights_only=False)
+    assert ckpt["network_kwargs"]["dims"] == 2
+    assert len(_rows(fd)) == 1
+
+
+def test_early_stopping_without_improvement(planned, tmp_path):
+    wd = _copy(planned, tmp_path)
+    tc = TrainConfig(epochs=6, iterations_per_epoch=1, val_iterations=0, patch_size=(16, 24, 16), batch_size=2,
+                     features=[4, 8, 16, 16], amp=False, num_workers=0, early_stopping=2, final_validation=False)
+    fd = train_fold(wd, "3d_fullres", 1, tc)
+    assert len(_rows(fd)) == 2
+    assert torch.load(fd / "checkpoint_final.pt", weights_only=False)["run_state"]["stopped_early"]
+
+
+def test_poly_schedule():
+    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
+    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5 ** 0.9)
+
+
+def test_sigkill_mid_epoch_then_resume_finishes(planned, tmp_path):
+    wd = _copy(planned, tmp_path)
+    fd = wd / "results" / "3d_fullres" / "unet" / "fold_0"
+    args = [sys.executable, "-m", "medseg3d", "train", str(wd), "--fold", "0", "--epochs", "4",
+            "--iterations-per-epoch", "6", "--num-workers", "1", "--no-final-validation", *TINY]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (fd / "metrics.csv").exists() and len(_rows(fd)) >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.3)  # into the next epoch
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the killed trainer's own data worker
+        except ProcessLookupError:
+            pass
+    done = torch.load(fd / "checkpoint_latest.pt", weights_only=False)["epoch"]
+    assert 1 <= done < 4
+    assert not (fd / "checkpoint_final.pt").exists()
+    rc = cli(["train", str(wd), "--fold", "0", "--epochs", "4", "--iterations-per-epoch", "6", "--num-workers", "0",
+               "--no-final-validation", "--resume", *TINY])
+    assert rc == 0
+    assert [r["epoch"] for r in _rows(fd)] == ["0", "1", "2", "3"]
+    assert torch.load(fd / "checkpoint_final.pt", weights_only=False)["epoch"] == 4
+
+
+def test_corrupt_checkpoint_and_other_plan_are_refused(planned, tmp_path, capsys):
+    wd = _copy(planned, tmp_path)
+    base = ["train", str(wd), "--fold", "0", "--epochs", "2", "--iterations-per-epoch", "1", "--num-workers", "0",
+            "--no-final-validation", *TINY]
+    assert cli([*base[:5], "1", *base[6:]]) == 0  # one epoch
+    latest = wd / "results" / "3d_fullres" / "unet" / "fold_0" / "checkpoint_latest.pt"
+    good = latest.read_bytes()
+    latest.write_bytes(good[: len(good) // 2])
+    capsys.readouterr()
+    assert cli([*base, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "truncated or corrupt" in err and "checkpoint_latest.pt" in err
+    latest.write_bytes(good)
+    plans = json.loads((wd / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["normalization"][0]["scheme"] = "none"
+    (wd / "plans.json").write_text(json.dumps(plans))
+    assert cli([*base, "--resume"]) == 2
+    assert "another plan" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_gloo(planned, tmp_path):
+    wd = _copy(planned, tmp_path)
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+            "-m", "medseg3d", "train", str(wd), "--fold", "0", "--epochs", "1", "--iterations-per-epoch", "2",
+            "--num-workers", "0", "--device", "cpu", "--no-final-validation", *TINY]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fd = wd / "results" / "3d_fullres" / "unet" / "fold_0"
+    assert len(_rows(fd)) == 1
+    ckpt = torch.load(fd / "checkpoint_final.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
