@@ -99,8 +99,10 @@ def probabilities_to_seg(
     """
     crop_shape = tuple(int(s) for s in properties["shape_after_crop"])
     dtype = np.uint8 if probs.shape[0] <= 256 else np.uint16
-    if tuple(probs.shape[1:]) == crop_shape:
-        seg_c = np.argmax(probs, axis=0).astype(dtype)
+    if tuple(probs.shape[1:]) == crop_shape:  # slab by slab: np.argmax alone makes an int64 full-size temporary
+        seg_c = np.empty(crop_shape, dtype=dtype)
+        for x in range(0, crop_shape[0], 16):
+            seg_c[x:x + 16] = np.argmax(probs[:, x:x + 16], axis=0)
     else:
         best = None
         seg_c = np.zeros(crop_shape, dtype=dtype)

@@ -1,0 +1,284 @@
+"""medseg3d predict vs nnU-Net v2's predictor, side by side in one run: seconds per case and peak RSS.
+
+    /work/venv-bench/bin/python benchmarks/bench_predict.py --cases 8 --out /tmp/bench_predict.json
+
+Both tools run in the same Python (the bench venv holds nnunetv2 and medseg3d installed editable, so
+one torch version), each in a fresh child process with the same thread count; peak RSS is the child's
+`ru_maxrss`. Both networks are randomly initialised with the same topology (medseg3d's 3d_fullres
+plan of the hippocampus: patch 40x56x40, features 32-64-128-256, 3x3x3 kernels), same step and TTA:
+speed does not depend on the weights. Parts:
+  hippocampus: the first N images of Task04_Hippocampus/imagesTs (or the shipped imagesTs).
+  large: a synthetic 512x512x400 volume at 0.8x0.8x1.0 mm, 4 classes, plan spacing 1 mm, a small
+         network with a 128^3 patch, step 1.0 and no TTA (it is about memory, not speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = ROOT / "medseg3d" / "resources" / "hippocampus_mini"
+TASK04 = Path("/work/shared/data/Task04_Hippocampus")
+
+
+# ---------------------------------------------------------------------------- children
+def child_medseg(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from medseg3d.inference.folder import predict_folder
+
+    t0 = time.perf_counter()
+    s = predict_folder(spec["work_dir"], spec["input"], spec["output"], config="3d_fullres", step=spec["step"],
+                       use_mirroring=spec["tta"], device="cpu", overwrite=True, precision=spec["precision"])
+    total = time.perf_counter() - t0
+    return {"cases": len(s.predicted), "total_s": total, "per_case_s": sorted(s.seconds.values())}
+
+
+def child_nnunet(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = json.loads(Path(spec["nnunet_plans"]).read_text())
+    dataset_json = json.loads(Path(spec["nnunet_dataset_json"]).read_text())
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("3d_fullres")
+    arch = cm.network_arch_init_kwargs
+    torch.manual_seed(0)
+    net = get_network_from_plans(cm.network_arch_class_name, arch, cm.network_arch_init_kwargs_req_import,
+                                 len(dataset_json["channel_names"]), len(dataset_json["labels"]),
+                                 allow_init=True, deep_supervision=False)
+    pred = nnUNetPredictor(tile_step_size=spec["step"], use_gaussian=True, use_mirroring=spec["tta"],
+                           perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    pred.manual_initialization(net, pm, cm, [net.state_dict()], dataset_json, "nnUNetTrainer",
+                               tuple(spec["mirror_axes"]))
+    inputs = sorted(Path(spec["input"]).glob("*_0000.nii*"))
+    lists = [[str(p)] for p in inputs]
+    outs = [str(Path(spec["output"]) / p.name.split("_0000")[0]) for p in inputs]
+    Path(spec["output"]).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    per = []
+    for li, of in zip(lists, outs):
+        t = time.perf_counter()
+        pred.predict_from_files_sequential([li], [of], save_probabilities=False, overwrite=True)
+        per.append(time.perf_counter() - t)
+    total = time.perf_counter() - t0
+    return {"cases": len(lists), "total_s": total, "per_case_s": sorted(per)}
+
+
+def run_child(kind: str, spec: dict, tag: str, workdir: Path) -> dict:
+    """Run one tool in a fresh process; returns its timings plus peak RSS (MB) of that process."""
+    spec_path = workdir / f"spec_{tag}.json"
+    res_path = workdir / f"res_{tag}.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, __file__, "--child", kind, "--spec", str(spec_path), "--result", str(res_path)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(workdir / f"log_{tag}.txt", "w"))
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"{tag} failed; see {workdir / f'log_{tag}.txt'}")
+    out = json.loads(res_path.read_text())
+    out.update({"peak_rss_mb": usage.ru_maxrss / 1024, "process_wall_s": wall})
+    return out
+
+
+# ---------------------------------------------------------------------------- setup
+def nnunet_plans_from(cfg: dict, name: str, reader: str = "NibabelIO") -> dict:
+    """An nnU-Net v2 plans dict with the same spacing, patch and PlainConvUNet topology as a medseg3d config."""
+    n = len(cfg["features"])
+    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    return {
+        "dataset_name": name, "plans_name": "nnUNetPlans", "image_reader_writer": reader,
+        "original_median_spacing_after_transp": cfg["spacing"], "original_median_shape_after_transp": cfg["median_shape"],
+        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": {"mean": 0.0, "std": 1.0, "percentile_00_5": -3.0,
+                                                              "percentile_99_5": 3.0, "max": 5.0, "min": -5.0,
+                                                              "median": 0.0}},
+        "configurations": {"3d_fullres": {
+            "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+            "batch_size": cfg["batch_size"], "patch_size": cfg["patch_size"],
+            "median_image_size_in_voxels": cfg["median_shape"], "spacing": cfg["spacing"],
+            "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": resampling,
+            "resampling_fn_seg": "resample_data_or_seg_to_shape",
+            "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities_kwargs": {**resampling, "order": 1},
+            "batch_dice": False,
+            "architecture": {
+                "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                "arch_kwargs": {
+                    "n_stages": n, "features_per_stage": cfg["features"], "conv_op": "torch.nn.modules.conv.Conv3d",
+                    "kernel_sizes": cfg["kernel_sizes"], "strides": cfg["strides"], "n_conv_per_stage": [2] * n,
+                    "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
+                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                    "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+                "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+        }},
+    }
+
+
+def save_random_medseg_fold(wd: Path, seed: int = 0) -> int:
+    import torch
+
+    from medseg3d.inference import save_checkpoint
+    from medseg3d.networks import build_network
+    from medseg3d.plans.schema import Plans
+
+    plans = Plans.load(wd)
+    cfg = plans.configuration("3d_fullres")
+    torch.manual_seed(seed)
+    net = build_network(cfg.architecture, in_channels=plans.num_channels, num_classes=plans.num_classes,
+                        **cfg.network_kwargs())
+    save_checkpoint(wd / "results" / "3d_fullres" / cfg.architecture / "fold_0" / "checkpoint_final.pt", {
+        "plan_hash": plans.hash, "configuration": "3d_fullres", "architecture": cfg.architecture,
+        "network_kwargs": cfg.network_kwargs(), "in_channels": plans.num_channels,
+        "num_classes": plans.num_classes, "model": net.state_dict()})
+    return sum(p.numel() for p in net.parameters())
+
+
+def setup_hippocampus(bench: Path, n_cases: int) -> tuple[Path, Path, Path, dict]:
+    wd = bench / "wd"
+    if not (wd / "plans.json").is_file():
+        subprocess.run([sys.executable, "-m", "medseg3d", "plan", str(MINI), "-o", str(wd), "--configs",
+                        "3d_fullres", "-j", "1"], check=True, stdout=subprocess.DEVNULL)
+    params = save_random_medseg_fold(wd)
+    src = TASK04 / "imagesTs" if (TASK04 / "imagesTs").is_dir() else MINI / "imagesTs"
+    files = sorted(p for p in src.glob("*.nii.gz") if not p.name.startswith("."))[:n_cases]
+    med_in, nn_in = bench / "in_medseg", bench / "in_nnunet"
+    for d in (med_in, nn_in):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+    for f in files:
+        os.symlink(f, med_in / f.name)
+        os.symlink(f, nn_in / f.name.replace(".nii.gz", "_0000.nii.gz"))
+    cfg = json.loads((wd / "plans.json").read_text())["configurations"]["3d_fullres"]
+    nn_plans = nnunet_plans_from(cfg, "Dataset990_Bench")
+    (bench / "nnunet_plans.json").write_text(json.dumps(nn_plans))
+    (bench / "nnunet_dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
+        "numTraining": 0, "file_ending": ".nii.gz"}))
+    return wd, med_in, nn_in, {"params": params, "patch": cfg["patch_size"], "features": cfg["features"],
+                                "source": str(src), "cases": [f.name for f in files]}
+
+
+def setup_large(bench: Path, shape=(512, 512, 400), spacing=(0.8, 0.8, 1.0)) -> tuple[Path, Path, Path]:
+    import nibabel as nib
+    import numpy as np
+
+    from medseg3d.plans.schema import Plans
+
+    big = bench / "large"
+    (big / "in_medseg").mkdir(parents=True, exist_ok=True)
+    (big / "in_nnunet").mkdir(parents=True, exist_ok=True)
+    img_path = big / "in_medseg" / "ct_000.nii"
+    if not img_path.is_file():
+        rng = np.random.default_rng(0)
+        arr = np.empty(shape, dtype=np.float32)
+        for z in range(0, shape[2], 50):  # slab-wise to keep this script's memory low
+            arr[:, :, z:z + 50] = rng.normal(0, 300, size=(shape[0], shape[1], min(50, shape[2] - z)))
+        arr[:16] = 0  # some air to crop
+        nib.save(nib.Nifti1Image(arr, np.diag([*spacing, 1.0])), img_path)
+        del arr
+    link = big / "in_nnunet" / "ct_000_0000.nii"
+    if not link.exists():
+        os.symlink(img_path, link)
+    wd = big / "wd"
+    raw = copy.deepcopy(Plans.load(bench / "wd").raw)
+    raw["labels"] = {"0": "background", "1": "a", "2": "b", "3": "c"}
+    c = raw["configurations"]["3d_fullres"]
+    c.update({"spacing": [1.0, 1.0, 1.0], "patch_size": [128, 128, 128], "features": [8, 16, 32, 64, 64],
+              "strides": [[1, 1, 1]] + [[2, 2, 2]] * 4, "kernel_sizes": [[3, 3, 3]] * 5,
+              "median_shape": [410, 410, 400],
+              "normalization": [{"scheme": "zscore", "mean": 0.0, "std": 1.0, "lower": -1e9, "upper": 1e9}]})
+    raw["configurations"] = {"3d_fullres": c}
+    wd.mkdir(exist_ok=True)
+    Plans(raw).save(wd / "plans.json")
+    save_random_medseg_fold(wd)
+    (big / "nnunet_plans.json").write_text(json.dumps(nnunet_plans_from(c, "Dataset991_Large")))
+    (big / "nnunet_dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "noise"}, "labels": {"background": 0, "a": 1, "b": 2, "c": 3},
+        "numTraining": 0, "file_ending": ".nii"}))
+    return wd, big / "in_medseg", big / "in_nnunet"
+
+
+# ---------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", choices=["medseg", "nnunet"])
+    ap.add_argument("--spec")
+    ap.add_argument("--result")
+    ap.add_argument("--bench-dir", default="/tmp/bench_predict")
+    ap.add_argument("--cases", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--step", type=float, default=0.5)
+    ap.add_argument("--parts", default="hippocampus,large")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    if args.child:
+        spec = json.loads(Path(args.spec).read_text())
+        res = child_medseg(spec) if args.child == "medseg" else child_nnunet(spec)
+        Path(args.result).write_text(json.dumps(res))
+        return
+
+    bench = Path(args.bench_dir)
+    bench.mkdir(parents=True, exist_ok=True)
+    results: dict = {"threads": args.threads, "step": args.step, "python": sys.executable}
+    import torch
+
+    results["torch"] = torch.__version__
+    parts = args.parts.split(",")
+    if "hippocampus" in parts or "large" in parts:
+        wd, med_in, nn_in, info = setup_hippocampus(bench, args.cases)
+        results["hippocampus_setup"] = info
+    if "hippocampus" in parts:
+        rows = {}
+        for tta in (True, False):
+            base = {"threads": args.threads, "step": args.step, "tta": tta, "mirror_axes": [0, 1, 2]}
+            t = "tta" if tta else "notta"
+            rows[f"nnunet_{t}"] = run_child("nnunet", {**base, "input": str(nn_in), "output": str(bench / f"o_nn_{t}"),
+                                                       "nnunet_plans": str(bench / "nnunet_plans.json"),
+                                                       "nnunet_dataset_json": str(bench / "nnunet_dataset.json")},
+                                            f"nn_{t}", bench)
+            for prec in ("bf16", "fp32"):
+                rows[f"medseg_{prec}_{t}"] = run_child("medseg", {**base, "precision": prec, "work_dir": str(wd),
+                                                                  "input": str(med_in),
+                                                                  "output": str(bench / f"o_ms_{prec}_{t}")},
+                                                       f"ms_{prec}_{t}", bench)
+            print(json.dumps({k: v for k, v in rows.items() if t in k}, indent=1), flush=True)
+        results["hippocampus"] = rows
+    if "large" in parts:
+        lwd, l_med, l_nn = setup_large(bench)
+        base = {"threads": args.threads, "step": 1.0, "tta": False, "mirror_axes": [0, 1, 2]}
+        big = bench / "large"
+        rows = {"medseg_bf16": run_child("medseg", {**base, "precision": "bf16", "work_dir": str(lwd),
+                                                    "input": str(l_med), "output": str(big / "o_ms")}, "large_ms", big),
+                "nnunet": run_child("nnunet", {**base, "input": str(l_nn), "output": str(big / "o_nn"),
+                                               "nnunet_plans": str(big / "nnunet_plans.json"),
+                                               "nnunet_dataset_json": str(big / "nnunet_dataset.json")},
+                                    "large_nn", big)}
+        print(json.dumps(rows, indent=1), flush=True)
+        results["large"] = rows
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
