@@ -100,6 +100,15 @@ def test_early_stopping_without_improvement(planned, tmp_path):
     assert torch.load(fd / "checkpoint_final.pt", weights_only=False)["run_state"]["stopped_early"]
 
 
+def test_time_budget_sizes_the_run(planned, tmp_path):
+    wd = _copy(planned, tmp_path)
+    tc = TrainConfig(epochs=50, iterations_per_epoch=1, val_iterations=1, patch_size=(16, 24, 16), batch_size=2,
+                     features=[4, 8, 16, 16], amp=False, num_workers=0, time_budget_s=0.01, final_validation=False)
+    fd = train_fold(wd, "3d_fullres", 2, tc)
+    assert len(_rows(fd)) == 1 and tc.epochs == 50
+    assert torch.load(fd / "checkpoint_final.pt", weights_only=False)["epoch"] == 1
+
+
 def test_poly_schedule():
     assert poly_lr(0.01, 0, 100, 0.9) == 0.01
     assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5 ** 0.9)

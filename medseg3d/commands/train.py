@@ -56,6 +56,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(12345, "--seed", help="Random seed (per rank: seed + 1000 * rank)."),
         early_stopping: int | None = typer.Option(None, "--early-stopping",
                                                   help="Stop after this many epochs without a new best EMA pseudo-Dice."),
+        time_budget: float | None = typer.Option(None, "--time-budget",
+                                                 help="Wall-clock seconds for this run: the epoch count (and the lr "
+                                                      "schedule) is fitted after the first epoch; --epochs caps it."),
         save_every: int = typer.Option(1, "--save-every", help="Write checkpoint_latest.pt every N epochs."),
         final_validation: bool = typer.Option(True, "--final-validation/--no-final-validation",
                                               help="Sliding-window validation of the fold's cases at the end."),
@@ -71,7 +74,7 @@ def register(app: typer.Typer) -> None:
             features=_ints(features, "--features"), lr=lr, momentum=momentum, weight_decay=weight_decay,
             grad_clip=grad_clip, oversample_fg=oversample_fg, augment=augment, device=device, amp=amp,
             compile=compile_, num_workers=num_workers, seed=seed, resume=resume, early_stopping=early_stopping,
-            save_every=save_every, final_validation=final_validation, val_mirroring=val_tta,
+            time_budget_s=time_budget, save_every=save_every, final_validation=final_validation, val_mirroring=val_tta,
         )
         out = train_fold(work_dir, config, _fold(fold), tc)
         typer.echo(f"trained -> {out}")

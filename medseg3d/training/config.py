@@ -41,6 +41,7 @@ class TrainConfig:
     resume: bool = False
     early_stopping: int | None = None        # epochs without a new best EMA pseudo-Dice before stopping
     ema_alpha: float = 0.9                   # EMA pseudo-Dice = alpha * old + (1 - alpha) * new
+    time_budget_s: float | None = None       # wall-clock budget of this invocation: epochs sized after the first
     save_every: int = 1                      # checkpoint_latest.pt every N epochs
     final_validation: bool = True
     val_step: float = 0.5
@@ -69,6 +70,8 @@ class TrainConfig:
             raise ConfigError(f"--oversample-fg must be in [0, 1] (got {self.oversample_fg})")
         if self.early_stopping is not None and self.early_stopping < 1:
             raise ConfigError(f"--early-stopping must be at least 1 epoch (got {self.early_stopping})")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError(f"--time-budget must be positive seconds (got {self.time_budget_s})")
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0 (got {self.num_workers})")
 

@@ -9,6 +9,7 @@ persistent worker processes. Every epoch: validation pseudo-Dice on patches, its
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -94,7 +95,7 @@ def train_fold(work_dir: str | Path, config_name: str, fold: int | str,
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 writes files.
     """
-    tc = train_config or TrainConfig()
+    tc = dataclasses.replace(train_config) if train_config is not None else TrainConfig()  # budget edits a copy
     work_dir = Path(work_dir)
     from medseg3d.plans import Plans
 
@@ -207,6 +208,7 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
     labels = [plans.labels.get(c, str(c)) for c in range(1, ctx["num_classes"])]
     columns = [TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
+    run_start, first_epoch = time.perf_counter(), state.epoch
     with Progress(*columns, console=console, disable=not info.is_main, transient=True) as bar:
         while state.epoch < tc.epochs:
             epoch = state.epoch
@@ -256,9 +258,26 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
                          ", ".join(f"{n} {d:.3f}" for n, d in zip(labels, dice)) or "-",
                          "-" if state.ema_dice is None else f"{state.ema_dice:.4f}", lr, epoch_time,
                          100 * row["data_wait_fraction"])
+            if tc.time_budget_s is not None and state.epoch == first_epoch + 1:
+                _fit_budget(tc, state, time.perf_counter() - run_start, epoch_time, info, ctx["device"])
             if stop:
                 log.info("early stopping: no new best EMA pseudo-Dice for %d epochs", tc.early_stopping)
                 break
+
+
+def _fit_budget(tc: TrainConfig, state: st.RunState, elapsed: float, epoch_time: float, info: DistInfo,
+                device: torch.device) -> None:
+    """Size the run (and so the poly schedule) so it ends within `time_budget_s`, from the first epoch's time."""
+    remaining = float(tc.time_budget_s or 0) - elapsed
+    fit = state.epoch + max(0, int(remaining / max(epoch_time, 1e-6)))
+    t = torch.tensor([min(tc.epochs, fit)], device=device)
+    if info.enabled:  # rank 0 decides, so every rank runs the same number of epochs
+        torch.distributed.broadcast(t, 0)
+    new = int(t.item())
+    if new != tc.epochs:
+        log.info("time budget %.0f s: %d epochs of %.1f s fit; training %d epochs instead of %d",
+                 tc.time_budget_s, new - state.epoch, epoch_time, new, tc.epochs)
+        tc.epochs = new
 
 
 def _autocast(ctx: dict[str, Any]) -> Any:

@@ -1,0 +1,228 @@
+"""Training throughput, medseg3d vs nnU-Net v2, same plan, same machine, one run.
+
+Both train 3d_fullres fold 0 of the same dataset with the same patch, batch and network size
+(nnU-Net's plan is read and imposed on medseg3d with --patch-size/--batch-size/--features), one
+augmentation worker each, `--threads` torch threads. Each runs 2 epochs of `--iterations`
+iterations; epoch 1 is warm-up (worker start, oneDNN kernel creation), epoch 2 is measured:
+iterations per second (data wait included), the fraction of that epoch spent waiting for a batch,
+and the peak PSS/RSS of the whole process tree (trainer + workers; sampled every 0.2 s).
+medseg3d runs twice: its default (bf16 autocast on CPU) and --no-amp (fp32, as nnU-Net runs on CPU).
+nnU-Net is driven from Python (design.md: `nnUNetv2_train -tr` fails here) in the bench venv.
+
+    /work/venv-bench/bin/python benchmarks/bench_train.py --data /work/shared/data/Task04_Hippocampus \
+        --iterations 8 --out /tmp/bench_train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+
+# ---------------------------------------------------------------- process-tree memory sampler
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return kids
+
+
+def _tree_memory(pid: int) -> tuple[int, int]:
+    rss = pss = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+        todo += _children(p)
+    return rss, pss
+
+
+def run_measured(cmd: list[str], env: dict[str, str]) -> dict:
+    """Run `cmd`; wall time and peak tree RSS/PSS."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    peak = [0, 0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            r, p = _tree_memory(proc.pid)
+            peak[0], peak[1] = max(peak[0], r), max(peak[1], p)
+            time.sleep(0.2)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    rc = proc.wait()
+    th.join()
+    if rc != 0:
+        raise SystemExit(f"{cmd[:4]} failed with exit code {rc}")
+    return {"wall_s": time.perf_counter() - t0, "peak_tree_rss": peak[0], "peak_tree_pss": peak[1]}
+
+
+# ---------------------------------------------------------------- children
+def child_nnunet(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args(str(args.task_id), "3d_fullres", 0, device=torch.device("cpu"))
+    trainer.num_iterations_per_epoch = args.iterations
+    trainer.num_val_iterations_per_epoch = 1
+    trainer.num_epochs = 2
+    trainer.on_train_start()
+    epochs = []
+    for _ in range(2):
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        wait, outs = 0.0, []
+        t0 = time.perf_counter()
+        for _ in range(args.iterations):
+            t = time.perf_counter()
+            batch = next(trainer.dataloader_train)
+            wait += time.perf_counter() - t
+            outs.append(trainer.train_step(batch))
+        dt = time.perf_counter() - t0
+        trainer.on_train_epoch_end(outs)
+        with torch.no_grad():
+            trainer.on_validation_epoch_start()
+            vals = [trainer.validation_step(next(trainer.dataloader_val))]
+            trainer.on_validation_epoch_end(vals)
+        trainer.on_epoch_end()
+        epochs.append({"iterations_per_s": args.iterations / dt, "data_wait_fraction": wait / dt})
+    trainer.on_train_end()
+    Path(args.report).write_text(json.dumps({"epochs": epochs, "patch_size": list(trainer.configuration_manager.patch_size),
+                                             "batch_size": trainer.configuration_manager.batch_size}))
+
+
+def child_medseg3d(args: argparse.Namespace) -> None:
+    import csv
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from medseg3d.logging_utils import setup_logging
+    from medseg3d.training import TrainConfig, train_fold
+
+    setup_logging()
+    tc = TrainConfig(epochs=2, iterations_per_epoch=args.iterations, val_iterations=1, batch_size=args.batch_size,
+                     patch_size=tuple(args.patch_size), features=args.features, num_workers=1, amp=args.amp,
+                     device="cpu", final_validation=False)
+    fd = train_fold(args.work, "3d_fullres", 0, tc)
+    with open(fd / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    epochs = [{"iterations_per_s": float(r["iterations_per_s"]), "data_wait_fraction": float(r["data_wait_fraction"])}
+              for r in rows]
+    Path(args.report).write_text(json.dumps({"epochs": epochs}))
+
+
+# ---------------------------------------------------------------- parent
+def nnunet_plan(pre: Path) -> dict:
+    """nnU-Net's 3d_fullres patch (in medseg3d's nibabel axis order), batch and features."""
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    c = plans["configurations"]["3d_fullres"]
+    back = plans["transpose_backward"]
+    patch = [c["patch_size"][back[a]] for a in range(3)][::-1]  # see bench_plan.py: undo transpose + reader order
+    return {"patch_size": patch, "batch_size": c["batch_size"],
+            "features": c["architecture"]["arch_kwargs"]["features_per_stage"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("/work/shared/data/Task04_Hippocampus"))
+    ap.add_argument("--iterations", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--task-id", type=int, default=4)
+    ap.add_argument("--nnunet-base", type=Path, help="reuse nnUNet_raw/_preprocessed under this folder")
+    ap.add_argument("--out", type=Path, default=Path("bench_train.json"))
+    ap.add_argument("--child", choices=["nnunet", "medseg3d"])
+    ap.add_argument("--report")
+    ap.add_argument("--work")
+    ap.add_argument("--patch-size", type=int, nargs=3)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--features", type=int, nargs="+")
+    ap.add_argument("--amp", type=int, default=1)
+    args = ap.parse_args()
+    if args.child == "nnunet":
+        return child_nnunet(args)
+    if args.child == "medseg3d":
+        args.amp = bool(args.amp)
+        return child_medseg3d(args)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    base = args.nnunet_base or tmp / "nnunet"
+    env = dict(os.environ, nnUNet_n_proc_DA="1", nnUNet_compile="f", OMP_NUM_THREADS=str(args.threads))
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[k] = str(base / k)
+    bin_dir = Path(sys.executable).parent
+    pre_root = base / "nnUNet_preprocessed"
+    if not any(pre_root.glob(f"Dataset{args.task_id:03d}_*/nnUNetPlans_3d_fullres")):
+        stage = tmp / f"Task{args.task_id:02d}_{args.data.name.split('_', 1)[-1]}"
+        stage.mkdir(parents=True)
+        for sub in ("imagesTr", "labelsTr"):
+            (stage / sub).symlink_to((args.data / sub).resolve())
+        (stage / "imagesTs").mkdir()
+        shutil.copy(args.data / "dataset.json", stage / "dataset.json")
+        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            Path(env[k]).mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(bin_dir / "nnUNetv2_convert_MSD_dataset"), "-i", str(stage), "-overwrite_id",
+                        str(args.task_id), "-np", "2"], env=env, check=True)
+        subprocess.run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(args.task_id), "-c", "3d_fullres",
+                        "-np", "2", "-npfp", "2", "--no_pbar"], env=env, check=True)
+    ds = next(pre_root.glob(f"Dataset{args.task_id:03d}_*"))
+    plan = nnunet_plan(ds)
+    work = tmp / "medseg3d_work"
+    subprocess.run([str(bin_dir / "medseg3d"), "plan", str(args.data), "-o", str(work), "--configs", "3d_fullres"],
+                   env=env, check=True)
+    common = [sys.executable, str(HERE), "--iterations", str(args.iterations), "--threads", str(args.threads)]
+    runs = {}
+    for name, extra in [
+        ("nnunet", ["--child", "nnunet", "--task-id", str(args.task_id)]),
+        ("medseg3d_bf16", ["--child", "medseg3d", "--amp", "1"]),
+        ("medseg3d_fp32", ["--child", "medseg3d", "--amp", "0"]),
+    ]:
+        report = tmp / f"{name}.json"
+        if name.startswith("medseg3d"):
+            shutil.rmtree(work / "results", ignore_errors=True)
+            extra += ["--work", str(work), "--patch-size", *map(str, plan["patch_size"]), "--batch-size",
+                      str(plan["batch_size"]), "--features", *map(str, plan["features"])]
+        m = run_measured(common + extra + ["--report", str(report)], env)
+        m.update(json.loads(report.read_text()))
+        m["measured"] = m["epochs"][-1]
+        runs[name] = m
+        print(f"{name}: {m['measured']['iterations_per_s']:.3f} it/s, data wait "
+              f"{100 * m['measured']['data_wait_fraction']:.1f}%, peak PSS {m['peak_tree_pss'] / 1e9:.2f} GB",
+              file=sys.stderr)
+    nn = runs["nnunet"]
+    result = {"dataset": str(args.data), "iterations_per_epoch": args.iterations, "threads": args.threads,
+              "plan": plan, "cpu_count": os.cpu_count(), "runs": runs, "ratios_vs_nnunet": {
+                  name: {"iterations_per_s": r["measured"]["iterations_per_s"] / nn["measured"]["iterations_per_s"],
+                         "peak_tree_pss": r["peak_tree_pss"] / nn["peak_tree_pss"],
+                         "peak_tree_rss": r["peak_tree_rss"] / nn["peak_tree_rss"]}
+                  for name, r in runs.items() if name != "nnunet"}}
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["ratios_vs_nnunet"], indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
