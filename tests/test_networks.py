@@ -100,3 +100,18 @@ def test_unet_matches_nnunet_plainconvunet_parameter_count_for_hippocampus():
                         kernel_sizes=[[3, 3, 3]] * 4, features=[32, 64, 128, 256])
     n = sum(p.numel() for p in net.parameters())
     assert math.isclose(n, 5_603_177, rel_tol=0.01)
+
+
+def test_resenc_unet_matches_nnunet_residual_encoder_unet_parameter_count():
+    # 268,294 = dynamic_network_architectures ResidualEncoderUNet(2 -> 3 classes, features 8/16/32,
+    # n_blocks_per_stage [1, 3, 4], n_conv_per_stage_decoder [1, 1]) at this plan, counted in the bench venv.
+    net = build_network("resenc_unet", in_channels=2, num_classes=3, dims=3, strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2]],
+                        kernel_sizes=[[3, 3, 1], [3, 3, 3], [3, 3, 3]], features=[8, 16, 32])
+    assert sum(p.numel() for p in net.parameters()) == 268_294
+
+
+def test_vnet_uses_5_kernels_except_on_coarse_axes_and_prelu():
+    net = build_network("vnet", in_channels=1, num_classes=2, **PLAN_3D)
+    kernels = {m.kernel_size for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.stride == (1, 1, 1)}
+    assert (5, 5, 1) in kernels and (5, 5, 5) in kernels and (3, 3, 3) not in kernels
+    assert any(isinstance(m, torch.nn.PReLU) for m in net.modules())
