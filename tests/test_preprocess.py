@@ -162,3 +162,22 @@ def test_shipped_case_through_pipeline():
     assert pc.data.shape[1:] == pc.seg.shape
     assert set(np.unique(pc.seg)) <= {0, 1, 2}
     assert abs(float(pc.data.mean())) < 1e-3
+
+
+def test_zscore_inside_mask_leaves_background_zero():
+    data = np.zeros((1, 12, 12, 12), np.float32)
+    data[0, 2:10, 2:10, 2:10] = np.random.default_rng(0).normal(100, 10, (8, 8, 8))
+    mask = data[0] != 0
+    out = normalize(data, [{"scheme": "zscore", "use_mask": True}], mask)
+    assert np.all(out[0][~mask] == 0)
+    assert abs(out[0][mask].mean()) < 1e-4 and abs(out[0][mask].std() - 1) < 1e-3
+    plain = normalize(data, [{"scheme": "zscore", "use_mask": False}], mask)
+    assert plain[0][~mask].min() < -0.5  # without the mask the background moves
+
+
+def test_planner_sets_use_mask_for_heavily_cropped_data():
+    from medseg3d.plans import rules
+
+    norm = rules.normalization_for(["T1", "CT"], {}, relative_size_after_crop=0.5)
+    assert [n["use_mask"] for n in norm] == [True, False]
+    assert rules.normalization_for(["T1"], {}, relative_size_after_crop=0.9)[0]["use_mask"] is False

@@ -93,7 +93,8 @@ def plan_from_fingerprint(
     n_cases = int(fingerprint["num_cases"])
     memory_fn = make_memory_fn(num_classes, len(channels), arch, measure_cuda)
     budget = gpu_memory_gb * GIB
-    norm = rules.normalization_for(channels, fingerprint["foreground_intensity_properties_per_channel"])
+    norm = rules.normalization_for(channels, fingerprint["foreground_intensity_properties_per_channel"],
+                                   float(fingerprint.get("median_relative_size_after_cropping", 1.0)))
 
     full_sp = rules.target_spacing(fingerprint["spacings"], fingerprint["shapes_after_crop"])
     full_med = _median_shape_after_resampling(fingerprint, full_sp)

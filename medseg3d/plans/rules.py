@@ -54,18 +54,27 @@ def slice_axis_2d(spacing: Sequence[float], median_shape: Sequence[int]) -> int:
     return thin[0] if thin else len(spacing) - 1
 
 
-def normalization_for(channel_names: Sequence[str], intensity_props: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+#: z-score inside the non-zero region only when cropping keeps less than this fraction of the image.
+MASK_NORM_BELOW = 0.75
+
+
+def normalization_for(
+    channel_names: Sequence[str], intensity_props: dict[str, dict[str, float]], relative_size_after_crop: float = 1.0
+) -> list[dict[str, Any]]:
     """Per-channel normalisation entries from the modality names and the fingerprint's foreground stats.
 
     CT -> clip to the foreground 0.5/99.5 percentiles, z-score with the dataset foreground mean/std;
     `noNorm` -> none; `rescale_to_0_1` -> rescale between the percentiles; anything else -> z-score
-    per image. Dataset statistics are recorded for every scheme (only ct/rescale use them).
+    per image, inside the non-zero region only (`use_mask`) when the median crop keeps < 75% of the
+    image (e.g. skull-stripped brains). Dataset statistics are recorded for every scheme.
     """
     out = []
     for ch, name in enumerate(channel_names):
         st = intensity_props.get(str(ch), {})
+        scheme = scheme_for_modality(name)
         out.append({
-            "scheme": scheme_for_modality(name),
+            "scheme": scheme,
+            "use_mask": bool(scheme == "zscore" and relative_size_after_crop < MASK_NORM_BELOW),
             "mean": float(st.get("mean", 0.0)), "std": float(st.get("std", 1.0)),
             "lower": float(st.get("percentile_00_5", 0.0)), "upper": float(st.get("percentile_99_5", 0.0)),
         })

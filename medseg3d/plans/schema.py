@@ -108,7 +108,7 @@ class ConfigurationPlan:
 
     @property
     def normalization(self) -> list[dict[str, Any]]:
-        """Per channel `{"scheme": "zscore"|"ct"|"none"|"rescale", "mean", "std", "lower", "upper"}`."""
+        """Per channel `{"scheme": "zscore"|"ct"|"none"|"rescale", "use_mask", "mean", "std", "lower", "upper"}`."""
         return [dict(n) for n in self.raw["normalization"]]
 
     @property

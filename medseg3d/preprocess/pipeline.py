@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy import ndimage
 
 from medseg3d.errors import InputError
 from medseg3d.preprocess.crop import crop_to_nonzero, uncrop
@@ -82,7 +83,10 @@ def preprocess_arrays(
     original_shape = tuple(int(s) for s in data.shape[1:])
     data_c, seg_c, bbox = crop_to_nonzero(data, seg)
     shape_after_crop = tuple(int(s) for s in data_c.shape[1:])
-    data_n = normalize(data_c, config.normalization)
+    mask = None
+    if any(n.get("use_mask") for n in config.normalization):
+        mask = ndimage.binary_fill_holes(np.any(data_c != 0, axis=0))
+    data_n = normalize(data_c, config.normalization, mask)
     target = config.spacing
     new_shape = compute_new_shape(shape_after_crop, spacing, target)
     sep = config.resampling.get("separate_axis")
