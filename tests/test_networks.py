@@ -115,3 +115,16 @@ def test_vnet_uses_5_kernels_except_on_coarse_axes_and_prelu():
     kernels = {m.kernel_size for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.stride == (1, 1, 1)}
     assert (5, 5, 1) in kernels and (5, 5, 5) in kernels and (3, 3, 3) not in kernels
     assert any(isinstance(m, torch.nn.PReLU) for m in net.modules())
+
+
+def test_instance_norm_equals_torch_instance_norm_in_both_memory_formats():
+    from medseg3d.networks.blocks import InstanceNorm
+
+    torch.manual_seed(0)
+    ours, ref = InstanceNorm(4), torch.nn.InstanceNorm3d(4, eps=1e-5, affine=True)
+    ours.weight.data.uniform_(0.5, 2)
+    ours.bias.data.uniform_(-1, 1)
+    ref.load_state_dict(ours.state_dict())
+    x = 3 * torch.randn(2, 4, 5, 6, 7) + 1
+    assert torch.allclose(ours(x), ref(x), atol=1e-5)
+    assert torch.allclose(ours(x.to(memory_format=torch.channels_last_3d)), ref(x), atol=1e-5)

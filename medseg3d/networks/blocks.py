@@ -42,14 +42,17 @@ def avg_pool(dims: int, stride: Sequence[int]) -> nn.Module:
 class InstanceNorm(nn.GroupNorm):
     """Affine instance norm over the spatial axes of `(B, C, *spatial)` (GroupNorm with C groups).
 
-    Channels-last inputs are made contiguous first: torch's CPU group-norm on channels_last_3d
-    ran 3-5x slower than on contiguous memory (benchmarks/bench_networks.py, docs/networks.md).
+    On the CPU it runs torch's group-norm kernel on contiguous memory (faster than instance norm;
+    on channels_last_3d memory the kernel ran 3-5x slower, see docs/networks.md); elsewhere it
+    runs `F.instance_norm`, nnU-Net's op, which keeps fp16 under CUDA autocast.
     """
 
     def __init__(self, channels: int) -> None:
         super().__init__(channels, channels, eps=NORM_EPS, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":  # CUDA: nnU-Net's kernel (group_norm would run in fp32 under autocast)
+            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
         return F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
 
 
