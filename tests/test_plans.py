@@ -183,3 +183,25 @@ def test_schema_roundtrip_and_refusals(tmp_path):
 def test_plan_hash_changes_with_content():
     a, b = _plan("isotropic"), _plan("small")
     assert a.hash != b.hash and len(a.hash) == 64
+
+
+def test_2d_files_refused_with_the_fix():
+    fp = synthetic_fingerprint((1.0, 1.0, 1.0), (64, 64, 1))
+    fp["spacings"] = [s[:2] for s in fp["spacings"]]
+    with pytest.raises(PlanError, match="3D NIfTI with one slice"):
+        plan_from_fingerprint(fp)
+
+
+@pytest.mark.gpu
+def test_cuda_trial_measures_memory():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from medseg3d.plans.memory import cuda_trial_bytes
+
+    strides, kernels, feats = [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [[3, 3, 3]] * 3, [32, 64, 128]
+    small = cuda_trial_bytes("unet", [32, 32, 32], strides, kernels, feats, 2, 1, 3)
+    big = cuda_trial_bytes("unet", [64, 64, 64], strides, kernels, feats, 2, 1, 3)
+    assert 0 < small < big < float("inf")
+    model = analytic_bytes([64, 64, 64], strides, feats, 2, 3)
+    assert model / 3 < big < model * 3  # the analytic constant is within 3x of the measured peak

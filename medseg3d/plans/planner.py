@@ -87,6 +87,9 @@ def plan_from_fingerprint(
         raise ConfigError(f"unknown configuration(s) {unknown}; valid: {', '.join(ALL_CONFIGS)}")
     if not fingerprint.get("cases"):
         raise PlanError("the fingerprint holds no labelled case; add labelled training cases and rerun `medseg3d plan`")
+    if any(len(s) != 3 for s in fingerprint["spacings"]):
+        raise PlanError("medseg3d plans 3D volumes only; this dataset holds 2D images. Save each image as a "
+                        "3D NIfTI with one slice (shape X x Y x 1) and rerun `medseg3d plan`")
     labels = {int(k): v for k, v in fingerprint["labels"].items()}
     num_classes = max(labels) + 1
     channels = list(fingerprint["channel_names"])
