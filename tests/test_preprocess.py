@@ -181,3 +181,21 @@ def test_planner_sets_use_mask_for_heavily_cropped_data():
     norm = rules.normalization_for(["T1", "CT"], {}, relative_size_after_crop=0.5)
     assert [n["use_mask"] for n in norm] == [True, False]
     assert rules.normalization_for(["T1"], {}, relative_size_after_crop=0.9)[0]["use_mask"] is False
+
+
+def test_probs_to_original_anisotropic():
+    from medseg3d.preprocess import probs_to_original
+
+    spacing, shape = (0.7, 0.7, 3.5), (40, 40, 12)
+    seg = np.zeros(shape, np.int8)
+    seg[4:36, 4:36, 1:11] = smooth_label((32, 32, 10), spacing)
+    img = np.zeros((1, *shape), np.float32)
+    img[0, 2:38, 3:37, :] = 5 + seg[2:38, 3:37, :]
+    affine = np.diag([*spacing, 1.0])
+    pc = preprocess_case(Volume(img, affine), config((1.0, 1.0, 1.0)), Volume(seg[None], affine))
+    onehot = np.stack([(pc.seg == c) for c in range(3)]).astype(np.float32)
+    probs = probs_to_original(onehot, pc.properties)
+    assert probs.shape == (3, *shape)
+    assert np.allclose(probs[:, :2].sum(0), [[1.0]])  # outside the crop: background probability 1
+    back = probs.argmax(0)
+    assert dice(back > 0, seg > 0) > 0.95

@@ -123,11 +123,19 @@ def preprocess_case(
     return preprocess_arrays(np.asarray(image.array), tuple(image.spacing), config, seg, classes)
 
 
-def seg_to_original(seg: np.ndarray, properties: dict[str, Any], separate_axis: int | None = None) -> np.ndarray:
-    """A label map `(X', Y', Z')` in preprocessed geometry back to the original `(X, Y, Z)` (nearest/one-hot).
+def _inverse_separate_axis(properties: dict[str, Any], separate_axis: int | None) -> int | None:
+    if separate_axis is not None or "spacing" not in properties:
+        return separate_axis
+    return separate_axis_for(properties["original_spacing"], properties["spacing"])
 
-    Voxels outside the crop box are background (0).
+
+def seg_to_original(seg: np.ndarray, properties: dict[str, Any], separate_axis: int | None = None) -> np.ndarray:
+    """A label map `(X', Y', Z')` in preprocessed geometry back to the original `(X, Y, Z)` (linear one-hot).
+
+    Voxels outside the crop box are background (0). `separate_axis` defaults to the rule applied
+    on the way in (from `original_spacing` and `spacing` in `properties`).
     """
+    separate_axis = _inverse_separate_axis(properties, separate_axis)
     crop_shape = tuple(properties["shape_after_crop"])
     res = resample_seg(seg, crop_shape, separate_axis=separate_axis)
     return uncrop(res, properties["bbox"], tuple(properties["original_shape"]), fill=0)
@@ -139,8 +147,9 @@ def probs_to_original(
     """Class probabilities `(K, X', Y', Z')` back to `(K, X, Y, Z)` (linear); outside the crop, background.
 
     Memory: one float32 copy at the original size; callers with large volumes and many classes can
-    call this per class (K=1 slices) and keep a running argmax.
+    call this per class (K=1 slices) and keep a running argmax. `separate_axis` as in `seg_to_original`.
     """
+    separate_axis = _inverse_separate_axis(properties, separate_axis)
     crop_shape = tuple(properties["shape_after_crop"])
     res = resample_data(probs, crop_shape, order=1, separate_axis=separate_axis)
     out = uncrop(res, properties["bbox"], tuple(properties["original_shape"]), fill=0)
