@@ -205,3 +205,17 @@ def test_cuda_trial_measures_memory():
     assert 0 < small < big < float("inf")
     model = analytic_bytes([64, 64, 64], strides, feats, 2, 3)
     assert model / 3 < big < model * 3  # the analytic constant is within 3x of the measured peak
+
+
+def test_trial_step_runs_the_planned_network_on_cpu():
+    """The step the CUDA trial measures, run on CPU with the network a small plan describes."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("medseg3d.networks")
+    from medseg3d.plans.memory import build_trial_network, trial_step
+
+    torch.set_num_threads(1)
+    cfg = _plan("small").configuration("3d_fullres")
+    net = build_trial_network("unet", cfg.patch_size, cfg.strides, cfg.kernel_sizes, cfg.features, 1, 3)
+    trial_step(net, 2, 1, cfg.patch_size, torch.device("cpu"), torch.bfloat16)
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -89,35 +89,47 @@ def default_budget_gb() -> float:
     return DEFAULT_BUDGET_GB
 
 
+def trial_step(net, batch: int, in_channels: int, patch: Sequence[int], device, amp_dtype) -> None:  # noqa: ANN001
+    """One training step of `net` (forward with autocast `amp_dtype`, backward, SGD step) on random data."""
+    import torch
+
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
+    x = torch.randn(batch, in_channels, *patch, device=device)
+    with torch.autocast(device.type, dtype=amp_dtype):
+        out = net(x)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        loss = sum(o.float().mean() for o in outs)
+    loss.backward()
+    opt.step()
+
+
+def build_trial_network(arch: str, patch: Sequence[int], strides, kernels, features, in_channels: int,  # noqa: ANN001
+                        num_classes: int):
+    """The network the plan describes, with deep supervision, in training mode."""
+    from medseg3d.networks import build_network
+
+    return build_network(arch, in_channels=in_channels, num_classes=num_classes, dims=len(patch),
+                         strides=[list(s) for s in strides], kernel_sizes=[list(k) for k in kernels],
+                         features=list(features), deep_supervision=True).train()
+
+
 @lru_cache(maxsize=256)
 def _cuda_trial(arch: str, patch: tuple[int, ...], strides: tuple, kernels: tuple, features: tuple,
                 batch: int, in_channels: int, num_classes: int) -> float:
     import torch
 
-    from medseg3d.networks import build_network
-
-    dims = len(patch)
     dev = torch.device("cuda")
-    net = build_network(arch, in_channels=in_channels, num_classes=num_classes, dims=dims,
-                        strides=[list(s) for s in strides], kernel_sizes=[list(k) for k in kernels],
-                        features=list(features), deep_supervision=True).to(dev).train()
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
+    net = build_trial_network(arch, patch, strides, kernels, features, in_channels, num_classes).to(dev)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     try:
-        x = torch.randn(batch, in_channels, *patch, device=dev)
-        with torch.autocast("cuda", dtype=torch.float16):
-            out = net(x)
-            outs = out if isinstance(out, (list, tuple)) else [out]
-            loss = sum(o.float().mean() for o in outs)
-        loss.backward()
-        opt.step()
+        trial_step(net, batch, in_channels, patch, dev, torch.float16)
         torch.cuda.synchronize(dev)
         return float(torch.cuda.max_memory_allocated(dev))
     except torch.cuda.OutOfMemoryError:
         return math.inf
     finally:
-        del net, opt
+        del net
         torch.cuda.empty_cache()
 
 
