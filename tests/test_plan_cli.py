@@ -71,3 +71,17 @@ def test_plan_configs_and_errors(tmp_path, capsys):
     assert code == 2 and "medseg3d plan" in out
     code, out = run(["plan", str(tmp_path / "nodata"), "-o", str(work)], capsys)
     assert code == 2 and "Error" in out
+
+
+def test_plan_two_channel_nnunet_layout(tmp_path, capsys):
+    from tests._synth import make_nnunet
+
+    data = make_nnunet(tmp_path / "d", n_cases=3, channels=("CT", "MR"))
+    work = tmp_path / "work"
+    code, out = run(["plan", str(data), "-o", str(work), "-j", "1", "--configs", "3d_fullres", "--show"], capsys)
+    assert code in (0, None), out
+    cfg = Plans.load(work).configuration("3d_fullres")
+    assert [n["scheme"] for n in cfg.normalization] == ["ct", "zscore"]
+    d, s, _ = load_case(work, "3d_fullres", "case_000")
+    assert d.shape[0] == 2 and d.shape[1:] == s.shape
+    assert "ct [" in out  # the table shows the CT clipping window
