@@ -106,7 +106,7 @@ def test_resampled_case_bounded_path_matches_full_probabilities(work_dir):
                               return_probabilities=True, precision="fp32")
     assert seg.shape == image.spatial_shape and seg.dtype == np.uint8
     assert probs.shape == (3, *image.spatial_shape)
-    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=2e-3)  # stored as float16 at network spacing
     agree = (np.argmax(probs, 0) == seg).mean()
     assert agree > 0.999, agree  # one class at a time + running max == argmax of the full array
 

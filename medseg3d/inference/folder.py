@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -21,6 +22,7 @@ from medseg3d.errors import CheckpointError, InputError, MedsegError
 from medseg3d.inference.checkpoint import build_model_from_checkpoint, load_checkpoint
 from medseg3d.inference.export import output_path, write_probabilities, write_segmentation
 from medseg3d.inference.predictor import predict_case, resolve_device
+from medseg3d.io.volume import Volume
 from medseg3d.logging_utils import console
 
 log = logging.getLogger(__name__)
@@ -168,11 +170,14 @@ def predict_folder(
             t0 = time.perf_counter()
             try:
                 image = read_volume(case.images)
+                geometry = Volume(np.zeros((1, 1, 1, 1), np.uint8), image.affine, image.header)
+                box = [image]
+                del image  # predict_case then holds the only reference and frees the voxels after preprocessing
                 seg, probs = predict_case(
-                    models, image, plans, config, step=step, use_mirroring=use_mirroring, device=dev,
+                    models, box.pop(), plans, config, step=step, use_mirroring=use_mirroring, device=dev,
                     postprocessing=postprocessing, return_probabilities=save_probabilities,
                     precision=precision, progress=lambda n: bar.advance(t_win, n), case=case.name)
-                write_segmentation(seg, image, out, overwrite=overwrite)
+                write_segmentation(seg, geometry, out, overwrite=overwrite)
                 if probs is not None:
                     write_probabilities(probs, output_dir / f"{case.name}.npz", overwrite=True)
                 summary.predicted.append(case.name)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from medseg3d.errors import InputError
-from medseg3d.inference.sliding_window import sliding_window_predict
+from medseg3d.inference.sliding_window import sliding_window_slabs
 from medseg3d.preprocess.crop import uncrop
 from medseg3d.preprocess.pipeline import preprocess_case, probs_to_original, resample_data
 from medseg3d.preprocess.resample import separate_axis_for
@@ -92,7 +92,7 @@ def check_input(image: Volume, plans: Plans, case: str = "") -> None:
 def probabilities_to_seg(
     probs: np.ndarray, properties: dict[str, Any], separate_axis: int | None
 ) -> np.ndarray:
-    """Probabilities `(K, X', Y', Z')` at network spacing -> labels `(X, Y, Z)` uint8 in the original grid.
+    """Probabilities `(K, X', Y', Z')` (float16/32) at network spacing -> labels `(X, Y, Z)` uint8 in the original grid.
 
     Bounded memory: classes are resampled (linear) one at a time into a running max + argmax, so
     at most one float32 class map plus the running max is held at the cropped original size.
@@ -107,7 +107,7 @@ def probabilities_to_seg(
         best = None
         seg_c = np.zeros(crop_shape, dtype=dtype)
         for k in range(probs.shape[0]):
-            res = resample_data(probs[k:k + 1], crop_shape, order=1, separate_axis=separate_axis)[0]
+            res = resample_data(probs[k:k + 1].astype(np.float32), crop_shape, order=1, separate_axis=separate_axis)[0]
             if best is None:
                 best = res
                 continue
@@ -149,24 +149,42 @@ def predict_case(
     dev = resolve_device(device)
     amp = resolve_amp(precision, dev)
     pre = preprocess_case(image, config)
+    del image  # when the caller passed its only reference (predict_folder does), the input voxels go now
     props = pre.properties
     data = torch.from_numpy(pre.data)
     del pre
     if batch_size is None:
         batch_size = 8 if config.dims == 3 else 32
-    probs_t = sliding_window_predict(
+    stream = sliding_window_slabs(
         models, data, patch_size=config.patch_size, step=step,
         mirror_axes=config.mirror_axes if use_mirroring else (), batch_size=batch_size, device=dev,
         amp_dtype=amp, slice_axis=config.slice_axis, progress=progress,
     )
-    del data
-    probs = probs_t.numpy()
     sep = config.resampling.get("separate_axis")
     if sep is None:
         sep = separate_axis_for(props["original_spacing"], config.spacing)
-    seg = probabilities_to_seg(probs, props, sep)
-    full_probs = probs_to_original(probs, props, sep) if return_probabilities else None
-    del probs, probs_t
+    net_shape = tuple(int(s) for s in data.shape[1:])
+    del data
+    crop_shape = tuple(int(s) for s in props["shape_after_crop"])
+    full_probs = None
+    if net_shape == crop_shape:  # no resampling: argmax slab by slab, nothing K-sized is kept
+        seg_c = np.empty(crop_shape, dtype=np.uint8)
+        probs_c = np.empty((plans.num_classes, *crop_shape), np.float32) if return_probabilities else None
+        for x0, x1, slab in stream:
+            seg_c[x0:x1] = slab.argmax(0).numpy()
+            if probs_c is not None:
+                probs_c[:, x0:x1] = slab.numpy()
+        seg = uncrop(seg_c, props["bbox"], tuple(int(s) for s in props["original_shape"]), fill=0)
+        if probs_c is not None:
+            full_probs = probs_to_original(probs_c, props, sep)
+    else:  # float16 store at network spacing, then one class at a time to the original grid
+        store = np.empty((plans.num_classes, *net_shape), dtype=np.float16)
+        for x0, x1, slab in stream:
+            store[:, x0:x1] = slab.numpy()
+        seg = probabilities_to_seg(store, props, sep)
+        if return_probabilities:
+            full_probs = probs_to_original(store.astype(np.float32), props, sep)
+        del store
     if postprocessing:
         from medseg3d.postprocess import apply_postprocessing
 

@@ -22,7 +22,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["gaussian_importance_map", "window_starts", "mirror_variants", "sliding_window_predict"]
+__all__ = [
+    "gaussian_importance_map", "window_starts", "mirror_variants", "sliding_window_predict", "sliding_window_slabs",
+]
 
 
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
@@ -118,6 +120,40 @@ def sliding_window_predict(
     amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for float32.
     progress: called with the number of windows finished after each forward pass.
     Volumes smaller than the patch are zero-padded and the result cropped back.
+    This assembles the slabs of `sliding_window_slabs`; use that to keep memory bounded.
+    """
+    out: torch.Tensor | None = None
+    for x0, x1, slab in sliding_window_slabs(
+        models, data, patch_size=patch_size, step=step, mirror_axes=mirror_axes, batch_size=batch_size,
+        device=device, amp_dtype=amp_dtype, slice_axis=slice_axis, progress=progress, sigma_scale=sigma_scale,
+    ):
+        if out is None:
+            out = torch.empty((slab.shape[0], *data.shape[1:]), dtype=torch.float32)
+        out[:, x0:x1] = slab
+    assert out is not None  # the stream always covers axis 0
+    return out
+
+
+def sliding_window_slabs(
+    models: Sequence[nn.Module],
+    data: torch.Tensor,
+    *,
+    patch_size: Sequence[int],
+    step: float = 0.5,
+    mirror_axes: Sequence[int] = (),
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    slice_axis: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    sigma_scale: float = 1.0 / 8,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """`sliding_window_predict` as a stream of finished slabs along axis 0: yields `(x0, x1, probs)`
+    with `probs` `(K, x1 - x0, Y, Z)` float32 on the host, in order, covering `[0, X)` exactly once.
+
+    Windows run in axis-0 order; the accumulator holds only one patch extent along axis 0
+    (`K x patch_x x Y x Z` float32), and voxels no later window touches are normalised and handed
+    out. Arguments as `sliding_window_predict`.
     """
     if data.ndim != 4:
         raise ValueError(f"data must be (C, X, Y, Z), got shape {tuple(data.shape)}")
@@ -147,11 +183,9 @@ def sliding_window_predict(
         flat = [v for pr in reversed(pads) for v in pr]
         data = torch.nn.functional.pad(data, flat, mode="constant", value=0.0)
     padded = tuple(int(s) for s in data.shape[1:])
-    steps = window_starts(padded, patch, step if slice_axis is None else step)
+    steps = window_starts(padded, patch, step)
     if slice_axis is not None:
         steps[slice_axis] = list(range(padded[slice_axis]))  # every slice exactly once
-    windows = list(itertools.product(*steps))
-
     data = data.to(torch.float32)
     try:
         data_dev = data.to(device)
@@ -160,63 +194,83 @@ def sliding_window_predict(
             raise
         log.warning("the image does not fit on %s; windows are copied from host memory one batch at a time", device)
         data_dev = data
-    num_classes: int | None = None
-    acc: torch.Tensor | None = None
-    wsum = torch.zeros(padded, dtype=torch.float32, device=device)
-    gauss_dev = gauss.to(device)
+    state = _Accumulator(patch, padded, gauss, device)
     scale = 1.0 / (len(models) * len(flips))
-
-    def to_host(reason: BaseException) -> None:
-        nonlocal acc, wsum, gauss_dev
-        log.warning("CUDA out of memory (%s); accumulating probabilities in host memory instead", str(reason)[:80])
-        acc = acc.cpu() if acc is not None else None
-        wsum = wsum.cpu()
-        gauss_dev = gauss_dev.cpu()
-        torch.cuda.empty_cache()
-
-    # (window index, flip index) pairs in window order: the mirrors of one window share a pass
-    jobs = [(w, f) for w in range(len(windows)) for f in range(len(flips))]
     amp = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
            else contextlib.nullcontext())
-    done_windows = 0
+    inner = list(itertools.product(*steps[1:]))
+    starts0 = steps[0]
+    keep = tuple(slice(b, b + s) for (b, _), s in zip(pads[1:], spatial[1:]))  # unpadded part of axes 1, 2
     with torch.no_grad():
-        for start in range(0, len(jobs), max(1, batch_size)):
-            batch = jobs[start:start + max(1, batch_size)]
-            while True:
-                try:
-                    num_classes, acc = _run_batch(models, data_dev, windows, flips, batch, patch, slice_axis,
-                                                  device, amp, acc, wsum, gauss_dev, scale, padded)
-                    break
-                except Exception as exc:  # noqa: BLE001
-                    if device.type != "cuda" or not _is_cuda_oom(exc) or wsum.device.type == "cpu":
-                        raise
-                    to_host(exc)
-            finished = len({w for w, f in batch if f == len(flips) - 1})
-            done_windows += finished
-            if progress is not None and finished:
-                progress(finished)
-    assert acc is not None  # at least one window always runs
-    acc = acc.cpu()
-    acc /= wsum.cpu().unsqueeze(0)
-    if any(p != (0, 0) for p in pads):
-        acc = acc[(slice(None),) + tuple(slice(b, b + s) for (b, _), s in zip(pads, spatial))]
-    return acc.contiguous()
+        for i, s0 in enumerate(starts0):
+            windows = [(s0, *w) for w in inner]
+            jobs = [(w, f) for w in range(len(windows)) for f in range(len(flips))]  # mirrors share a pass
+            for b in range(0, len(jobs), max(1, batch_size)):
+                batch = jobs[b:b + max(1, batch_size)]
+                while True:
+                    try:
+                        _run_batch(models, data_dev, windows, flips, batch, patch, slice_axis, amp, state, s0, scale,
+                                   device)
+                        break
+                    except Exception as exc:  # noqa: BLE001
+                        if device.type != "cuda" or not _is_cuda_oom(exc) or state.on_host:
+                            raise
+                        state.to_host(exc)
+                finished = sum(1 for _, f in batch if f == len(flips) - 1)
+                if progress is not None and finished:
+                    progress(finished)
+            d = (starts0[i + 1] - s0) if i + 1 < len(starts0) else patch[0]
+            slab = state.pop(d)  # (K, d, Y', Z') padded coordinates [s0, s0 + d)
+            lo, hi = max(s0, pads[0][0]), min(s0 + d, pads[0][0] + spatial[0])
+            if hi > lo:
+                yield lo - pads[0][0], hi - pads[0][0], slab[(slice(None), slice(lo - s0, hi - s0)) + keep].contiguous()
 
 
-def _windows_slices(start: Sequence[int], patch: Sequence[int]) -> tuple[slice, ...]:
-    return tuple(slice(s, s + p) for s, p in zip(start, patch))
+class _Accumulator:
+    """Weighted probability sums for one patch extent along axis 0, starting at the current window row."""
+
+    def __init__(self, patch: tuple[int, ...], padded: tuple[int, ...], gauss: torch.Tensor, device: torch.device):
+        self.shape = (patch[0], *padded[1:])
+        self.acc: torch.Tensor | None = None  # (K, patch_x, Y', Z'), made at the first output
+        self.wsum = torch.zeros(self.shape, dtype=torch.float32, device=device)
+        self.gauss = gauss.to(device)
+
+    @property
+    def on_host(self) -> bool:
+        return self.wsum.device.type == "cpu"
+
+    def to_host(self, reason: BaseException) -> None:
+        log.warning("CUDA out of memory (%s); accumulating probabilities in host memory instead", str(reason)[:80])
+        self.acc = self.acc.cpu() if self.acc is not None else None
+        self.wsum, self.gauss = self.wsum.cpu(), self.gauss.cpu()
+        torch.cuda.empty_cache()
+
+    def add(self, probs: torch.Tensor, sl: tuple[slice, ...], weight_too: bool, scale: float) -> None:
+        if self.acc is None:
+            self.acc = torch.zeros((probs.shape[0], *self.shape), dtype=torch.float32, device=self.wsum.device)
+        self.acc[(slice(None),) + sl].add_(probs.to(self.acc.device) * (self.gauss * scale))
+        if weight_too:
+            self.wsum[sl].add_(self.gauss)
+
+    def pop(self, d: int) -> torch.Tensor:
+        """Normalised probabilities of the first `d` rows (host float32); the buffer shifts by `d`."""
+        assert self.acc is not None
+        out = (self.acc[:, :d] / self.wsum[:d].unsqueeze(0)).cpu()
+        n = self.shape[0]
+        if d < n:
+            self.acc[:, : n - d] = self.acc[:, d:].clone()
+            self.wsum[: n - d] = self.wsum[d:].clone()
+        self.acc[:, max(0, n - d):] = 0
+        self.wsum[max(0, n - d):] = 0
+        return out
 
 
-def _run_batch(models, data_dev, windows, flips, batch, patch, slice_axis, device, amp, acc, wsum, gauss_dev,
-               scale, padded):
-    """One forward pass per model over `batch` (window, flip) pairs; adds weighted softmax into `acc`."""
-    inputs = []
-    for w, f in batch:
-        x = data_dev[(slice(None),) + _windows_slices(windows[w], patch)]
-        inputs.append(x)
-    x = torch.stack(inputs).to(device, non_blocking=True)
-    x = torch.stack([torch.flip(xi, [d - 1 for d in flips[f]]) if flips[f] else xi
-                     for xi, (_, f) in zip(x, batch)])
+def _run_batch(models, data_dev, windows, flips, batch, patch, slice_axis, amp, state: _Accumulator, s0: int,
+               scale: float, device: torch.device) -> None:
+    """One forward pass per model over `batch` (window, flip) pairs; adds weighted softmax into `state`."""
+    x = torch.stack([data_dev[(slice(None),) + _window_slices(windows[w], patch)] for w, _ in batch])
+    x = x.to(device, non_blocking=True)
+    x = torch.stack([torch.flip(xi, [d - 1 for d in flips[f]]) if flips[f] else xi for xi, (_, f) in zip(x, batch)])
     if slice_axis is not None:
         x = x.squeeze(slice_axis + 2)
     probs = None
@@ -227,19 +281,14 @@ def _run_batch(models, data_dev, windows, flips, batch, patch, slice_axis, devic
             logits = logits[0]
         p = torch.softmax(logits.float(), dim=1)
         probs = p if probs is None else probs + p
+        del logits
     if slice_axis is not None:
         probs = probs.unsqueeze(slice_axis + 2)
-    num_classes = int(probs.shape[1])
-    if acc is None:
-        acc = torch.zeros((num_classes, *padded), dtype=torch.float32, device=wsum.device)
-    g = gauss_dev
     for i, (w, f) in enumerate(batch):
-        p = probs[i]
-        if flips[f]:
-            p = torch.flip(p, [d - 1 for d in flips[f]])
-        sl = _windows_slices(windows[w], patch)
-        p = p.to(acc.device)
-        acc[(slice(None),) + sl].add_(p * (g * scale))
-        if f == 0:
-            wsum[sl].add_(g)
-    return num_classes, acc
+        p = torch.flip(probs[i], [d - 1 for d in flips[f]]) if flips[f] else probs[i]
+        start = (windows[w][0] - s0, *windows[w][1:])  # axis 0 relative to the buffer
+        state.add(p, _window_slices(start, patch), f == 0, scale)
+
+
+def _window_slices(start: Sequence[int], patch: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(s, s + p) for s, p in zip(start, patch))
