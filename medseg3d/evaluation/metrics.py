@@ -34,6 +34,8 @@ CLASS_KEYS = (
     "dice", "iou", "hd95", "precision", "recall", "tp", "fp", "fn",
     "ref_voxels", "pred_voxels", "ref_volume_mm3", "pred_volume_mm3",
 )
+#: Voxels per bincount chunk in `confusion_matrix`.
+_CHUNK = 1 << 23
 #: Per-case keys computed from the confusion matrix.
 CASE_KEYS = ("pa", "mpa", "miou", "fwiou")
 
@@ -47,10 +49,14 @@ def confusion_matrix(ref: np.ndarray, pred: np.ndarray, num_classes: int | None 
         raise ValueError(f"reference shape {ref.shape} != prediction shape {pred.shape}")
     top = max(int(ref.max(initial=0)), int(pred.max(initial=0))) + 1
     k = top if num_classes is None else max(int(num_classes), top)
-    # uint8/int16 labels: one int64 index array; the product cannot overflow for any realistic K.
-    index = ref.ravel().astype(np.int64) * k
-    index += pred.ravel()
-    return np.bincount(index, minlength=k * k).reshape(k, k)
+    ref_flat, pred_flat = ref.ravel(), pred.ravel()
+    counts = np.zeros(k * k, dtype=np.int64)
+    # chunks bound the int64 index array to 64 MB on large CT volumes
+    for start in range(0, ref_flat.size, _CHUNK):
+        index = ref_flat[start:start + _CHUNK].astype(np.int64) * k
+        index += pred_flat[start:start + _CHUNK]
+        counts += np.bincount(index, minlength=k * k)
+    return counts.reshape(k, k)
 
 
 def region_metrics(cm: np.ndarray) -> dict[str, float]:
