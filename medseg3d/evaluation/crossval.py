@@ -57,7 +57,8 @@ def gather_fold_predictions(model_dir: Path) -> tuple[dict[str, Path], dict[int,
     for fold_dir in fold_dirs:
         fold = int(fold_dir.name.split("_")[1])
         val = fold_dir / "validation"
-        files = sorted(p for p in val.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz"))) if val.is_dir() else []
+        files = sorted(p for p in val.glob("*.nii*")
+                       if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")) if val.is_dir() else []
         if not files:
             log.warning("%s has no validation predictions; fold %d is left out", val, fold)
             continue
