@@ -186,3 +186,25 @@ def test_crossval_summary_and_postprocessing_choice(tmp_path, capsys):
     shutil.copy(model / "fold_0" / "validation" / refs[0].name, model / "fold_1" / "validation" / refs[0].name)
     with pytest.raises(DatasetError, match="overlap"):
         evaluate_crossval(work, "3d_fullres", workers=1)
+
+
+def test_missed_class_written_as_null_and_blank(tmp_path):
+    ref = np.zeros((8, 8, 8), np.uint8)
+    ref[1:4, 1:4, 1:4] = 1
+    ref[5:7, 5:7, 5:7] = 2
+    pred = ref.copy()
+    pred[pred == 2] = 0  # class 2 missed entirely
+    affine = np.diag([0.5, 0.5, 2.0, 1.0])
+    for folder, arr in (("ref", ref), ("pred", pred)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(arr, affine), str(tmp_path / folder / "c.nii.gz"))
+    summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", workers=1, json_path=tmp_path / "s.json",
+                               csv_path=tmp_path / "s.csv")
+    assert summary["per_class_mean"][2]["hd95_excluded"] == 1
+    assert summary["mean"]["hd95"] == 0.0 and summary["mean"]["dice"] == pytest.approx(0.5)
+    assert summary["cases"][0]["per_class"][1]["ref_volume_mm3"] == pytest.approx(27 * 0.5)
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["cases"][0]["per_class"]["2"]["hd95"] is None
+    assert saved["per_class_mean"]["2"]["hd95"] is None  # no finite value to average
+    rows = {r["label"]: r for r in csv.DictReader((tmp_path / "s.csv").open())}
+    assert rows["2"]["hd95"] == "" and rows["2"]["dice"] == "0.0"
