@@ -217,6 +217,19 @@ def setup_large(bench: Path, shape=(512, 512, 400), spacing=(0.8, 0.8, 1.0)) -> 
     return wd, big / "in_medseg", big / "in_nnunet"
 
 
+def label_agreement(a: Path, b: Path) -> float:
+    """Fraction of voxels with the same label in the same-named NIfTI files of folders `a` and `b`."""
+    import nibabel as nib
+    import numpy as np
+
+    same = total = 0
+    for f in sorted(a.glob("*.nii.gz")):
+        x, y = np.asarray(nib.load(f).dataobj), np.asarray(nib.load(b / f.name).dataobj)
+        same += int((x == y).sum())
+        total += x.size
+    return same / max(total, 1)
+
+
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,6 +273,7 @@ def main() -> None:
                                                                   "input": str(med_in),
                                                                   "output": str(bench / f"o_ms_{prec}_{t}")},
                                                        f"ms_{prec}_{t}", bench)
+            rows[f"bf16_vs_fp32_label_agreement_{t}"] = label_agreement(bench / f"o_ms_bf16_{t}", bench / f"o_ms_fp32_{t}")
             print(json.dumps({k: v for k, v in rows.items() if t in k}, indent=1), flush=True)
         results["hippocampus"] = rows
     if "large" in parts:
