@@ -14,7 +14,7 @@ from scipy import ndimage
 from torch import nn
 
 from medseg3d.cli import main
-from medseg3d.errors import CheckpointError, InputError
+from medseg3d.errors import InputError
 from medseg3d.inference import predict_case, save_checkpoint
 from medseg3d.inference.folder import PredictionError, predict_folder, split_part
 from medseg3d.io import read_volume

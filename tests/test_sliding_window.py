@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
 
 from medseg3d.inference.sliding_window import (
-    gaussian_importance_map, mirror_variants, sliding_window_predict, window_starts,
+    gaussian_importance_map,
+    mirror_variants,
+    sliding_window_predict,
+    window_starts,
 )
 
 torch.set_num_threads(1)
@@ -34,8 +39,8 @@ def small_conv(dims: int, seed: int) -> nn.Module:
 def test_window_starts_cover_flush_and_respect_step(size, patch, step):
     (starts,) = window_starts((size,), (patch,), step)
     assert starts[0] == 0 and starts[-1] == size - patch
-    assert all(b > a for a, b in zip(starts, starts[1:]))
-    assert all(b - a <= patch * step + 1 for a, b in zip(starts, starts[1:]))
+    assert all(b > a for a, b in itertools.pairwise(starts))
+    assert all(b - a <= patch * step + 1 for a, b in itertools.pairwise(starts))
     covered = torch.zeros(size, dtype=torch.bool)
     for s in starts:
         covered[s:s + patch] = True
@@ -80,7 +85,7 @@ def test_mirror_tta_is_equivariant_to_flips():
     gen = torch.Generator().manual_seed(1)
     data = torch.randn((1, 48, 24, 16), generator=gen)  # window starts symmetric on every axis
     model = small_conv(3, 0)
-    kw = dict(patch_size=(16, 16, 16), step=0.5, mirror_axes=(0, 1, 2), batch_size=8)
+    kw = {"patch_size": (16, 16, 16), "step": 0.5, "mirror_axes": (0, 1, 2), "batch_size": 8}
     out = sliding_window_predict([model], data, **kw)
     for axes in ([1], [2], [1, 3]):
         flipped = sliding_window_predict([model], torch.flip(data, axes), **kw)
@@ -95,7 +100,7 @@ def test_two_folds_are_averaged():
     gen = torch.Generator().manual_seed(2)
     data = torch.randn((1, 30, 20, 18), generator=gen)
     a, b = small_conv(3, 1), small_conv(3, 2)
-    kw = dict(patch_size=(16, 16, 16), step=0.5, mirror_axes=(0,), batch_size=4)
+    kw = {"patch_size": (16, 16, 16), "step": 0.5, "mirror_axes": (0,), "batch_size": 4}
     both = sliding_window_predict([a, b], data, **kw)
     pa = sliding_window_predict([a], data, **kw)
     pb = sliding_window_predict([b], data, **kw)
@@ -106,7 +111,7 @@ def test_two_folds_are_averaged():
 def test_batch_size_does_not_change_the_result():
     data = torch.randn((1, 25, 21, 19), generator=torch.Generator().manual_seed(3))
     model = small_conv(3, 3)
-    kw = dict(patch_size=(16, 16, 16), step=0.5, mirror_axes=(0, 2))
+    kw = {"patch_size": (16, 16, 16), "step": 0.5, "mirror_axes": (0, 2)}
     ref = sliding_window_predict([model], data, batch_size=1, **kw)
     torch.testing.assert_close(sliding_window_predict([model], data, batch_size=7, **kw), ref, atol=1e-5, rtol=1e-4)
 
@@ -131,7 +136,7 @@ def test_2d_network_sees_whole_slices_when_the_patch_covers_them():
 def test_bf16_autocast_stays_close_to_fp32():
     data = torch.randn((1, 20, 20, 20), generator=torch.Generator().manual_seed(6))
     model = small_conv(3, 5)
-    kw = dict(patch_size=(16, 16, 16), step=0.5, batch_size=4)
+    kw = {"patch_size": (16, 16, 16), "step": 0.5, "batch_size": 4}
     ref = sliding_window_predict([model], data, **kw)
     bf = sliding_window_predict([model], data, amp_dtype=torch.bfloat16, **kw)
     assert bf.dtype == torch.float32
@@ -151,10 +156,10 @@ def test_slabs_cover_axis_0_once_in_order_and_match_the_whole():
 
     data = torch.randn((1, 45, 12, 10), generator=torch.Generator().manual_seed(7))
     model = small_conv(3, 6)
-    kw = dict(patch_size=(16, 16, 16), step=0.5, mirror_axes=(1,), batch_size=3)
+    kw = {"patch_size": (16, 16, 16), "step": 0.5, "mirror_axes": (1,), "batch_size": 3}
     slabs = list(sliding_window_slabs([model], data, **kw))
     assert slabs[0][0] == 0 and slabs[-1][1] == 45
-    assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(slabs))
     assert all(s.shape == (3, x1 - x0, 12, 10) for x0, x1, s in slabs)
     whole = sliding_window_predict([model], data, **kw)
     torch.testing.assert_close(torch.cat([s for _, _, s in slabs], dim=1), whole)

@@ -1,7 +1,10 @@
 """Inference: checkpoints, sliding-window prediction, one case back to its geometry, folders of cases."""
 
 from medseg3d.inference.checkpoint import (
-    FORMAT_VERSION, build_model_from_checkpoint, load_checkpoint, save_checkpoint,
+    FORMAT_VERSION,
+    build_model_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
 )
 from medseg3d.inference.predictor import predict_case
 from medseg3d.inference.sliding_window import gaussian_importance_map, sliding_window_predict, window_starts

@@ -28,6 +28,5 @@ def write_segmentation(seg: np.ndarray, reference: Volume, path: Path, *, overwr
 
 def write_probabilities(probs: np.ndarray, path: Path, *, overwrite: bool) -> None:
     """Class probabilities `(K, X, Y, Z)` float32 in the original grid to `path` (.npz, key `probabilities`)."""
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, probabilities=probs.astype(np.float32, copy=False))
+    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, probabilities=probs.astype(np.float32, copy=False))

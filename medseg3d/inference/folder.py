@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
@@ -185,7 +184,7 @@ def predict_folder(
             except MedsegError as exc:
                 log.error("case %s failed: %s", case.name, exc)
                 summary.failed.append((case.name, str(exc)))
-            except Exception as exc:  # noqa: BLE001 - one broken case must not stop the others
+            except Exception as exc:
                 log.error("case %s failed: %s: %s", case.name, type(exc).__name__, exc)
                 log.debug("traceback of case %s", case.name, exc_info=True)
                 summary.failed.append((case.name, f"{type(exc).__name__}: {exc}"))

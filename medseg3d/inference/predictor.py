@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["predict_case", "resolve_device", "resolve_amp", "check_input", "probabilities_to_seg"]
+__all__ = ["check_input", "predict_case", "probabilities_to_seg", "resolve_amp", "resolve_device"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -23,7 +23,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "gaussian_importance_map", "window_starts", "mirror_variants", "sliding_window_predict", "sliding_window_slabs",
+    "gaussian_importance_map",
+    "mirror_variants",
+    "sliding_window_predict",
+    "sliding_window_slabs",
+    "window_starts",
 ]
 
 
@@ -189,7 +193,7 @@ def sliding_window_slabs(
     data = data.to(torch.float32)
     try:
         data_dev = data.to(device)
-    except Exception as exc:  # noqa: BLE001 - only CUDA OOM is handled, the rest re-raised
+    except Exception as exc:
         if not _is_cuda_oom(exc):
             raise
         log.warning("the image does not fit on %s; windows are copied from host memory one batch at a time", device)
@@ -212,7 +216,7 @@ def sliding_window_slabs(
                         _run_batch(models, data_dev, windows, flips, batch, patch, slice_axis, amp, state, s0, scale,
                                    device)
                         break
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         if device.type != "cuda" or not _is_cuda_oom(exc) or state.on_host:
                             raise
                         state.to_host(exc)
