@@ -4,10 +4,11 @@
 with arrays `(C, X, Y, Z)` in file index order; the segmentation comes back `(X, Y, Z)` in the input's
 own voxel grid (so it is written with the input's exact header).
 
-Memory: the sliding window holds `K x N'` float32 probabilities at the network's spacing (N' voxels
-after crop + resampling). Going back to the original grid never holds `K x N` float32 at full
-resolution: one class is resampled at a time into a running max and argmax (`N x (4 + 4 + 1)` bytes),
-and when the spacing did not change the argmax is taken directly. See docs/inference.md.
+Memory: the sliding window streams finished slabs (its accumulator is one patch deep along the
+first axis). Without resampling each slab is argmaxed at once; otherwise slabs go to a float16
+`K x N'` store at the network's spacing, and classes are resampled to the original grid one at a
+time into a running max + argmax. `K x N` float32 at full resolution is never held (except for
+`return_probabilities`). See docs/inference.md.
 """
 
 from __future__ import annotations
