@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--task-id", type=int, default=4)
     ap.add_argument("--nnunet-base", type=Path, help="reuse nnUNet_raw/_preprocessed under this folder")
+    ap.add_argument("--reps", type=int, default=1, help="repetitions in alternating order; the best of each is kept")
     ap.add_argument("--out", type=Path, default=Path("bench_train.json"))
     ap.add_argument("--child", choices=["nnunet", "medseg3d"])
     ap.add_argument("--report")
@@ -194,27 +195,32 @@ def main() -> None:
     subprocess.run([str(bin_dir / "medseg3d"), "plan", str(args.data), "-o", str(work), "--configs", "3d_fullres"],
                    env=env, check=True)
     common = [sys.executable, str(HERE), "--iterations", str(args.iterations), "--threads", str(args.threads)]
-    runs = {}
-    for name, extra in [
+    tools = [
         ("nnunet", ["--child", "nnunet", "--task-id", str(args.task_id)]),
         ("medseg3d_bf16", ["--child", "medseg3d", "--amp", "1"]),
         ("medseg3d_fp32", ["--child", "medseg3d", "--amp", "0"]),
-    ]:
-        report = tmp / f"{name}.json"
-        if name.startswith("medseg3d"):
-            shutil.rmtree(work / "results", ignore_errors=True)
-            extra += ["--work", str(work), "--patch-size", *map(str, plan["patch_size"]), "--batch-size",
-                      str(plan["batch_size"]), "--features", *map(str, plan["features"])]
-        m = run_measured(common + extra + ["--report", str(report)], env)
-        m.update(json.loads(report.read_text()))
-        m["measured"] = m["epochs"][-1]
-        runs[name] = m
-        print(f"{name}: {m['measured']['iterations_per_s']:.3f} it/s, data wait "
-              f"{100 * m['measured']['data_wait_fraction']:.1f}%, peak PSS {m['peak_tree_pss'] / 1e9:.2f} GB",
-              file=sys.stderr)
+    ]
+    all_runs: dict[str, list[dict]] = {name: [] for name, _ in tools}
+    for rep in range(args.reps):
+        for name, extra in (tools if rep % 2 == 0 else tools[::-1]):
+            report = tmp / f"{name}.json"
+            cmd = common + extra + ["--report", str(report)]
+            if name.startswith("medseg3d"):
+                shutil.rmtree(work / "results", ignore_errors=True)
+                cmd += ["--work", str(work), "--patch-size", *map(str, plan["patch_size"]), "--batch-size",
+                        str(plan["batch_size"]), "--features", *map(str, plan["features"])]
+            m = run_measured(cmd, env)
+            m.update(json.loads(report.read_text()))
+            m["measured"] = m["epochs"][-1]
+            m["load_average_after"] = float(Path("/proc/loadavg").read_text().split()[0])
+            all_runs[name].append(m)
+            print(f"rep {rep} {name}: {m['measured']['iterations_per_s']:.4f} it/s, data wait "
+                  f"{100 * m['measured']['data_wait_fraction']:.1f}%, peak PSS {m['peak_tree_pss'] / 1e9:.2f} GB, "
+                  f"load {m['load_average_after']}", file=sys.stderr)
+    runs = {name: max(rs, key=lambda r: r["measured"]["iterations_per_s"]) for name, rs in all_runs.items()}
     nn = runs["nnunet"]
     result = {"dataset": str(args.data), "iterations_per_epoch": args.iterations, "threads": args.threads,
-              "plan": plan, "cpu_count": os.cpu_count(), "runs": runs, "ratios_vs_nnunet": {
+              "plan": plan, "cpu_count": os.cpu_count(), "reps": args.reps, "best_runs": runs, "all_runs": all_runs, "ratios_vs_nnunet": {
                   name: {"iterations_per_s": r["measured"]["iterations_per_s"] / nn["measured"]["iterations_per_s"],
                          "peak_tree_pss": r["peak_tree_pss"] / nn["peak_tree_pss"],
                          "peak_tree_rss": r["peak_tree_rss"] / nn["peak_tree_rss"]}

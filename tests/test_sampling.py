@@ -59,3 +59,35 @@ def test_num_forced_fg():
     assert num_forced_fg(7, 0.33) == 2
     assert num_forced_fg(9, 0.33) == 3
     assert num_forced_fg(4, 0.0) == 0
+
+
+def _tiny_cache(tmp_path, n=3):
+    import json
+
+    d = tmp_path / "preprocessed" / "3d_fullres"
+    d.mkdir(parents=True)
+    for i in range(n):
+        data, seg, props = _case(seed=i)
+        np.save(d / f"c{i}.npy", data)
+        np.save(d / f"c{i}_seg.npy", seg)
+        (d / f"c{i}.json").write_text(json.dumps(props))
+    return [f"c{i}" for i in range(n)]
+
+
+def test_loader_worker_batches_and_reports_worker_errors(tmp_path):
+    import pytest
+
+    from medseg3d.data.augment import AugmentParams
+    from medseg3d.data.loader import StreamSpec, make_loader, next_batch
+    from medseg3d.errors import MedsegError
+
+    cases = _tiny_cache(tmp_path)
+    spec = StreamSpec(tmp_path, "3d_fullres", cases, (8, 8, 8), 3, augment=AugmentParams(mirror_axes=(0, 1, 2)), seed=1)
+    it = iter(make_loader(spec, num_workers=1))
+    for _ in range(3):
+        img, lab = next_batch(it)
+        assert img.shape == (3, 2, 8, 8, 8) and lab.shape == (3, 1, 8, 8, 8)
+        assert (lab[-1] > 0).any()  # the last patch of each batch is centred on foreground
+    bad = StreamSpec(tmp_path, "3d_fullres", ["missing_case"], (8, 8, 8), 2, seed=1)
+    with pytest.raises(MedsegError, match="missing_case"):
+        next_batch(iter(make_loader(bad, num_workers=1)))
