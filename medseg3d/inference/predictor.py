@@ -33,7 +33,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_input", "predict_case", "probabilities_to_seg", "resolve_amp", "resolve_device"]
+__all__ = [
+    "check_input",
+    "default_batch_size",
+    "predict_case",
+    "probabilities_to_seg",
+    "resolve_amp",
+    "resolve_device",
+]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -71,6 +78,17 @@ def resolve_amp(precision: str, device: torch.device) -> torch.dtype | None:
     except (AttributeError, RuntimeError):
         bf16_ok = False
     return torch.bfloat16 if bf16_ok else None
+
+
+#: Voxels per forward pass (windows x mirror variants) the default batch size aims for: batching
+#: small patches pays (8 hippocampus patches cost 1.3 s each vs 2.9 s one by one here) while a 128^3
+#: patch is already a large GEMM and a batch of 8 of them would hold gigabytes of activations.
+BATCH_VOXELS = 2**21
+
+
+def default_batch_size(patch_size: Sequence[int], dims: int) -> int:
+    """Network inputs per forward pass: `BATCH_VOXELS / patch voxels`, at least 1, at most 8 (3D) / 32 (2D)."""
+    return int(max(1, min(8 if dims == 3 else 32, BATCH_VOXELS // int(np.prod(patch_size)))))
 
 
 def check_input(image: Volume, plans: Plans, case: str = "") -> None:
@@ -155,7 +173,7 @@ def predict_case(
     data = torch.from_numpy(pre.data)
     del pre
     if batch_size is None:
-        batch_size = 8 if config.dims == 3 else 32
+        batch_size = default_batch_size(config.patch_size, config.dims)
     stream = sliding_window_slabs(
         models, data, patch_size=config.patch_size, step=step,
         mirror_axes=config.mirror_axes if use_mirroring else (), batch_size=batch_size, device=dev,
