@@ -1,6 +1,7 @@
 """medseg3d predict vs nnU-Net v2's predictor, side by side in one run: seconds per case and peak RSS.
 
     /work/venv-bench/bin/python benchmarks/bench_predict.py --cases 8 --out /tmp/bench_predict.json
+    /work/venv-bench/bin/python benchmarks/bench_predict.py --parts "" --trained WORK_DIR   # bf16 vs fp32 Dice
 
 Both tools run in the same Python (the bench venv holds nnunetv2 and medseg3d installed editable, so
 one torch version), each in a fresh child process with the same thread count; peak RSS is the child's
@@ -230,6 +231,33 @@ def label_agreement(a: Path, b: Path) -> float:
     return same / max(total, 1)
 
 
+def trained_precision_check(work_dir: Path, bench: Path, threads: int) -> dict:
+    """Dice against labelsTs of the shipped held-out cases with a trained WORK_DIR, bf16 vs fp32 (TTA on)."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from medseg3d.inference.folder import predict_folder
+    from medseg3d.plans.schema import Plans
+
+    torch.set_num_threads(threads)
+    labels = sorted(k for k in Plans.load(work_dir).labels if k > 0)
+    out: dict = {}
+    for prec in ("bf16", "fp32"):
+        dst = bench / f"trained_{prec}"
+        t0 = time.perf_counter()
+        predict_folder(work_dir, MINI / "imagesTs", dst, device="cpu", overwrite=True, precision=prec)
+        dice = {c: [] for c in labels}
+        for ref in sorted((MINI / "labelsTs").glob("*.nii.gz")):
+            r, p = np.asarray(nib.load(ref).dataobj), np.asarray(nib.load(dst / ref.name).dataobj)
+            for c in labels:
+                den = int((r == c).sum() + (p == c).sum())
+                dice[c].append(1.0 if den == 0 else 2 * int(((r == c) & (p == c)).sum()) / den)
+        out[prec] = {"seconds": time.perf_counter() - t0, "mean_dice": {c: float(np.mean(v)) for c, v in dice.items()}}
+    out["label_agreement"] = label_agreement(bench / "trained_bf16", bench / "trained_fp32")
+    return out
+
+
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,6 +270,8 @@ def main() -> None:
     ap.add_argument("--step", type=float, default=0.5)
     ap.add_argument("--parts", default="hippocampus,large")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--trained", default=None,
+                    help="a trained WORK_DIR of hippocampus_mini: Dice of bf16 vs fp32 on its held-out cases")
     args = ap.parse_args()
     if args.child:
         spec = json.loads(Path(args.spec).read_text())
@@ -255,7 +285,9 @@ def main() -> None:
     import torch
 
     results["torch"] = torch.__version__
-    parts = args.parts.split(",")
+    if args.trained:
+        results["trained_precision_check"] = trained_precision_check(Path(args.trained), bench, args.threads)
+    parts = [p for p in args.parts.split(",") if p]
     if "hippocampus" in parts or "large" in parts:
         wd, med_in, nn_in, info = setup_hippocampus(bench, args.cases)
         results["hippocampus_setup"] = info

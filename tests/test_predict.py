@@ -252,3 +252,17 @@ def test_multichannel_nnunet_naming(work_dir, tmp_path):
         nib.save(src, inp / f"case7_{ch:04d}.nii.gz")
     s = predict_folder(wd, inp, tmp_path / "o", models=[Pointwise()], use_mirroring=False)
     assert s.predicted == ["case7"] and nib.load(tmp_path / "o" / "case7.nii.gz").shape == src.shape
+
+
+def test_fold_all_is_found_and_named(work_dir, tmp_path):
+    from medseg3d.inference.folder import available_folds, load_fold_models
+
+    wd = shutil.copytree(work_dir, tmp_path / "wd", ignore=shutil.ignore_patterns("preprocessed"))
+    save_random_fold(wd, "3d_fullres", 0, 0)
+    mdir = wd / "results" / "3d_fullres" / "unet"
+    shutil.copytree(mdir / "fold_0", mdir / "fold_all")
+    assert available_folds(mdir, "final") == [0, "all"]
+    plan_hash = Plans.load(wd).hash
+    assert len(load_fold_models(wd, "3d_fullres", "unet", ["all"], "final", plan_hash)) == 1
+    shutil.rmtree(mdir / "fold_0")
+    assert len(load_fold_models(wd, "3d_fullres", "unet", None, "final", plan_hash)) == 1  # fold_all alone

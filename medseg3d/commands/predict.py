@@ -9,13 +9,20 @@ import typer
 from medseg3d.errors import InputError
 
 
-def _parse_folds(text: str | None) -> list[int] | None:
-    if text is None or text.strip().lower() in ("", "all"):
+def _parse_folds(text: str | None) -> list[int | str] | None:
+    if text is None or not text.strip():
         return None
-    try:
-        return [int(f) for f in text.split(",") if f.strip()]
-    except ValueError as exc:
-        raise InputError(f"--folds {text!r} must be comma-separated fold numbers, e.g. 0,1,2,3,4") from exc
+    folds: list[int | str] = []
+    for f in (t.strip() for t in text.split(",") if t.strip()):
+        if f == "all":
+            folds.append("all")
+            continue
+        try:
+            folds.append(int(f))
+        except ValueError as exc:
+            raise InputError(f"--folds {text!r} must be comma-separated fold numbers (or 'all' for fold_all), "
+                             "e.g. 0,1,2,3,4") from exc
+    return folds
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +36,7 @@ def register(app: typer.Typer) -> None:
         config: str = typer.Option("3d_fullres", "--config", "-c", help="Plan configuration."),
         arch: str | None = typer.Option(None, "--arch", help="Architecture (default: the plan's)."),
         folds: str | None = typer.Option(None, "--folds", "-f",
-                                         help="Comma-separated folds to average (default: every trained fold)."),
+                                         help="Comma-separated folds to average, 'all' = fold_all (default: every trained fold)."),
         checkpoint: str = typer.Option("final", "--checkpoint", help="final, best or latest."),
         step: float = typer.Option(0.5, "--step", help="Window step as a fraction of the patch (0.5 = 50% overlap)."),
         no_tta: bool = typer.Option(False, "--no-tta", help="No mirror test-time augmentation (about 8x faster in 3D)."),

@@ -48,20 +48,21 @@ def model_dir(work_dir: Path, config: str, arch: str) -> Path:
     return Path(work_dir) / "results" / config / arch
 
 
-def available_folds(mdir: Path, checkpoint: str) -> list[int]:
-    """Fold numbers under `mdir` that hold `checkpoint_<checkpoint>.pt`, sorted."""
-    folds = []
+def available_folds(mdir: Path, checkpoint: str) -> list[int | str]:
+    """Folds under `mdir` holding `checkpoint_<checkpoint>.pt`: numbers sorted, then `"all"` (fold_all)."""
+    folds: list[int | str] = []
     for p in sorted(mdir.glob("fold_*")):
-        m = re.fullmatch(r"fold_(\d+)", p.name)
+        m = re.fullmatch(r"fold_(\d+|all)", p.name)
         if m and (p / f"checkpoint_{checkpoint}.pt").is_file():
-            folds.append(int(m.group(1)))
-    return sorted(folds)
+            folds.append(int(m.group(1)) if m.group(1).isdigit() else "all")
+    return sorted(f for f in folds if f != "all") + [f for f in folds if f == "all"]  # type: ignore[operator]
 
 
 def load_fold_models(
-    work_dir: Path, config: str, arch: str, folds: list[int] | None, checkpoint: str, plan_hash: str
+    work_dir: Path, config: str, arch: str, folds: list[int | str] | None, checkpoint: str, plan_hash: str
 ) -> list[nn.Module]:
-    """One eval-mode network per fold; `folds=None` takes every fold with that checkpoint.
+    """One eval-mode network per fold; `folds=None` takes every numbered fold with that checkpoint
+    (or `fold_all` when there is no numbered one); `"all"` names `fold_all`.
 
     CheckpointError lists which folds exist when a requested one (or any) is missing.
     """
@@ -74,7 +75,8 @@ def load_fold_models(
             raise CheckpointError(
                 f"no fold under {mdir} has checkpoint_{checkpoint}.pt; train one first "
                 f"(`medseg3d train {work_dir} --config {config} --fold 0`) or pick --checkpoint best/latest")
-        folds = have
+        numbered = [f for f in have if f != "all"]
+        folds = numbered or have
     missing = [f for f in folds if f not in have]
     if missing:
         listed = ", ".join(str(f) for f in have) or "none"
@@ -108,7 +110,7 @@ def predict_folder(
     *,
     config: str = "3d_fullres",
     arch: str | None = None,
-    folds: list[int] | None = None,
+    folds: list[int | str] | None = None,
     checkpoint: str = "final",
     step: float = 0.5,
     use_mirroring: bool = True,
