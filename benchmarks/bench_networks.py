@@ -12,7 +12,8 @@ parameter counts, then times one training step (forward, deep-supervised Dice+CE
 per network and precision mode, the networks interleaved within every repetition so that load
 from other processes hits them alike. Peak memory: each (network, mode) runs alone in a fresh
 child process; the figure is the rise of the process's peak RSS (VmHWM) over its RSS after
-building the network and the batch. Prints a markdown table: wall-clock median and min, process
+building the network and the batch (with `--device cuda`: the rise of
+torch.cuda.max_memory_allocated over the allocation before the first step). Prints a markdown table: wall-clock median and min, process
 CPU time (all threads; less sensitive to other processes taking the cores), and nnU-Net's time
 divided by each network's (> 1: faster than nnU-Net).
 """
@@ -73,8 +74,11 @@ def build(name: str, plan: dict) -> nn.Module:
     raise ValueError(name)
 
 
-def make_step(name: str, plan: dict, mode: str):
-    """(net, step()) where step runs forward + deep-supervised Dice+CE + backward once."""
+def make_step(name: str, plan: dict, mode: str, device: str = "cpu"):
+    """(net, step()) where step runs forward + deep-supervised Dice+CE + backward once.
+
+    mode: fp32 | bf16 | fp16 (autocast on `device`), a `_cl` suffix adds channels_last_3d.
+    """
     from medseg3d.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 
     net = build(name, plan).train()
@@ -84,12 +88,13 @@ def make_step(name: str, plan: dict, mode: str):
     if mode.endswith("_cl"):
         net = net.to(memory_format=torch.channels_last_3d)
         x = x.to(memory_format=torch.channels_last_3d)
+    net, x, y = net.to(device), x.to(device), y.to(device)
     loss_fn = DeepSupervisionLoss(DiceCELoss())
-    dtype = torch.bfloat16 if mode.startswith("bf16") else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode.split("_")[0])
 
     def step() -> None:
         net.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = net(x)
             if name == "dynunet":  # (B, n_out, K, *patch): every head upsampled to the full patch
                 w = deep_supervision_weights(out.shape[1])
@@ -97,6 +102,8 @@ def make_step(name: str, plan: dict, mode: str):
             else:
                 loss = loss_fn(out, y)
         loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return net, step
 
@@ -132,6 +139,8 @@ def main() -> None:
     ap.add_argument("--nets", default=",".join(NETS))
     ap.add_argument("--nnunet-plans", type=Path, default=None, help="nnUNetPlans.json of the hippocampus")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: use --modes fp32,fp16,fp16_cl; peak memory = torch.cuda.max_memory_allocated")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--plan-json", default=None, help=argparse.SUPPRESS)
@@ -142,14 +151,24 @@ def main() -> None:
         child_memory(args.child[0], args.child[1], plan, args.threads)
         return
     torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True  # as nnU-Net's trainer
     nets, modes = args.nets.split(","), args.modes.split(",")
     params = {n: sum(p.numel() for p in build(n, plan).parameters()) for n in nets}
     print(f"plan: {plan}\ntorch {torch.__version__}, threads {args.threads}\nparameters: {params}", flush=True)
     times: dict[tuple[str, str], list[float]] = {}  # wall-clock s per step
     cpu: dict[tuple[str, str], list[float]] = {}  # process CPU s per step (all threads)
+    mem: dict[tuple[str, str], float] = {}
     for mode in modes:
-        steps = {n: make_step(n, plan, mode)[1] for n in nets}
+        steps = {}
         for n in nets:
+            steps[n] = make_step(n, plan, mode, args.device)[1]
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                steps[n]()  # warm-up (and cuDNN autotuning)
+                mem[(n, mode)] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                continue
             steps[n]()  # warm-up
         for r in range(args.reps):
             for n in (nets if r % 2 == 0 else nets[::-1]):
@@ -159,8 +178,7 @@ def main() -> None:
                 cpu.setdefault((n, mode), []).append(time.process_time() - c0)
         print(mode, {n: [round(t, 2) for t in times[(n, mode)]] for n in nets}, flush=True)
         del steps
-    mem: dict[tuple[str, str], float] = {}
-    if not args.no_memory:
+    if not args.no_memory and args.device == "cpu":
         for mode in modes:
             for n in nets:
                 mem[(n, mode)] = measure_memory(n, mode, json.dumps(plan), args.threads)
