@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PLAN = dict(patch=[40, 56, 40], batch=7, in_channels=1, num_classes=3,
-            strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 4,
-            features=[32, 64, 128, 256])
+PLAN = {"patch": [40, 56, 40], "batch": 7, "in_channels": 1, "num_classes": 3,
+            "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 4,
+            "features": [32, 64, 128, 256]}
 MODES = ("fp32", "bf16", "bf16_cl")
 NETS = ("ours", "nnunet", "dynunet")
 
@@ -49,7 +49,7 @@ def load_nnunet_plan(path: Path) -> dict:
 
 def build(name: str, plan: dict) -> nn.Module:
     torch.manual_seed(0)
-    common = dict(strides=plan["strides"], kernel_sizes=plan["kernel_sizes"])
+    common = {"strides": plan["strides"], "kernel_sizes": plan["kernel_sizes"]}
     if name == "ours":
         from medseg3d.networks import build_network
 
@@ -187,9 +187,9 @@ def main() -> None:
     for mode in modes:
         for n in nets:
             key, ref = (n, mode), ("nnunet", mode)
-            row = dict(net=n, mode=mode, params=params[n], times=times[key], cpu_times=cpu[key],
-                       median_s=statistics.median(times[key]), min_s=min(times[key]),
-                       median_cpu_s=statistics.median(cpu[key]), peak_rise_mib=mem.get(key))
+            row = {"net": n, "mode": mode, "params": params[n], "times": times[key], "cpu_times": cpu[key],
+                       "median_s": statistics.median(times[key]), "min_s": min(times[key]),
+                       "median_cpu_s": statistics.median(cpu[key]), "peak_rise_mib": mem.get(key)}
             if "nnunet" in nets:  # ratio > 1: ours faster
                 row["speedup_median"] = statistics.median(times[ref]) / row["median_s"]
                 row["speedup_min"] = min(times[ref]) / row["min_s"]
@@ -205,7 +205,7 @@ def main() -> None:
         print(f"| {r['net']} | {r['mode']} | {r['params']:,} | {r['median_s']:.2f} ({r['min_s']:.2f}) | "
               f"{r['median_cpu_s']:.2f} | {ratio} | {m} |")
     if args.json:
-        args.json.write_text(json.dumps(dict(plan=plan, threads=args.threads, torch=torch.__version__, rows=rows),
+        args.json.write_text(json.dumps({"plan": plan, "threads": args.threads, "torch": torch.__version__, "rows": rows},
                                         indent=1))
 
 

@@ -13,8 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "soft_dice_loss", "cross_entropy_loss", "DiceCELoss", "deep_supervision_weights", "downsample_targets",
     "DeepSupervisionLoss",
+    "DiceCELoss",
+    "cross_entropy_loss",
+    "deep_supervision_weights",
+    "downsample_targets",
+    "soft_dice_loss",
 ]
 
 

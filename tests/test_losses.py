@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from medseg3d.losses import (
-    DeepSupervisionLoss, DiceCELoss, cross_entropy_loss, deep_supervision_weights, downsample_targets,
+    DeepSupervisionLoss,
+    DiceCELoss,
+    cross_entropy_loss,
+    deep_supervision_weights,
+    downsample_targets,
     soft_dice_loss,
 )
 

@@ -12,10 +12,10 @@ torch.set_num_threads(1)
 
 ARCHS = ["unet", "vnet", "resenc_unet"]
 # odd, anisotropic 3D plan: the last axis is coarse (kernel 1, not pooled at first)
-PLAN_3D = dict(dims=3, strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2], [1, 2, 2]],
-               kernel_sizes=[[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3]], features=[4, 8, 12, 16])
+PLAN_3D = {"dims": 3, "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2], [1, 2, 2]],
+               "kernel_sizes": [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3]], "features": [4, 8, 12, 16]}
 PATCH_3D = (16, 24, 12)
-PLAN_2D = dict(dims=2, strides=[[1, 1], [2, 2], [2, 1]], kernel_sizes=[[3, 3], [3, 3], [3, 1]], features=[4, 8, 16])
+PLAN_2D = {"dims": 2, "strides": [[1, 1], [2, 2], [2, 1]], "kernel_sizes": [[3, 3], [3, 3], [3, 1]], "features": [4, 8, 16]}
 PATCH_2D = (20, 12)
 
 
@@ -86,7 +86,7 @@ def test_unknown_name_suggests_closest_and_lists_valid():
     assert "'unet'" in msg and "vnet" in msg and "resenc_unet" in msg
 
 
-@pytest.mark.parametrize("bad", [dict(features=[4, 8]), dict(strides=[[1, 1], [2, 2, 2], [2, 1]]), dict(dims=4)])
+@pytest.mark.parametrize("bad", [{"features": [4, 8]}, {"strides": [[1, 1], [2, 2, 2], [2, 1]]}, {"dims": 4}])
 def test_inconsistent_arguments_raise_config_error(bad):
     with pytest.raises(ConfigError):
         build_network("unet", in_channels=1, num_classes=2, **{**PLAN_2D, **bad})

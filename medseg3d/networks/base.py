@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 
-
 class EncoderDecoder(nn.Module):
     """`encoder` (ModuleList, one module per stage) + a decoder called as `decoder(skips, all_outputs)`.
 
