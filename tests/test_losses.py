@@ -128,3 +128,29 @@ def test_losses_accept_bf16_logits():
     target = torch.randint(0, 3, (1, 4, 4, 4))
     loss = DiceCELoss()(logits, target)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_unet_with_deep_supervision_loss_learns_a_synthetic_ball():
+    from medseg3d.networks import build_network
+
+    torch.manual_seed(0)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(16.0)] * 3, indexing="ij"))
+    target = (((grid - 7.5) ** 2).sum(0) < 25).long().unsqueeze(0).repeat(2, 1, 1, 1)  # (2, 16, 16, 16)
+    image = target.unsqueeze(1).float() + 0.3 * torch.randn(2, 1, 16, 16, 16)
+    net = build_network("unet", in_channels=1, num_classes=2, dims=3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                        kernel_sizes=[[3, 3, 3]] * 3, features=[4, 8, 16]).train()
+    loss_fn = DeepSupervisionLoss(DiceCELoss())
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = loss_fn(net(image), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+    net.eval()
+    with torch.no_grad():
+        pred = net(image).argmax(1)
+    dice = 2 * ((pred == 1) & (target == 1)).sum() / ((pred == 1).sum() + (target == 1).sum())
+    assert dice > 0.9
