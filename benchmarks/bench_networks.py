@@ -74,7 +74,7 @@ def build(name: str, plan: dict) -> nn.Module:
     raise ValueError(name)
 
 
-def make_step(name: str, plan: dict, mode: str, device: str = "cpu"):
+def make_step(name: str, plan: dict, mode: str, device: str = "cpu", compile_net: bool = False):
     """(net, step()) where step runs forward + deep-supervised Dice+CE + backward once.
 
     mode: fp32 | bf16 | fp16 (autocast on `device`), a `_cl` suffix adds channels_last_3d.
@@ -89,13 +89,14 @@ def make_step(name: str, plan: dict, mode: str, device: str = "cpu"):
         net = net.to(memory_format=torch.channels_last_3d)
         x = x.to(memory_format=torch.channels_last_3d)
     net, x, y = net.to(device), x.to(device), y.to(device)
+    model = torch.compile(net) if compile_net else net
     loss_fn = DeepSupervisionLoss(DiceCELoss())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode.split("_")[0])
 
     def step() -> None:
         net.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = net(x)
+            out = model(x)
             if name == "dynunet":  # (B, n_out, K, *patch): every head upsampled to the full patch
                 w = deep_supervision_weights(out.shape[1])
                 loss = sum(wi * loss_fn.loss(out[:, i], y) for i, wi in enumerate(w) if wi)
@@ -139,6 +140,7 @@ def main() -> None:
     ap.add_argument("--nets", default=",".join(NETS))
     ap.add_argument("--nnunet-plans", type=Path, default=None, help="nnUNetPlans.json of the hippocampus")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every network (warm-up compiles)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: use --modes fp32,fp16,fp16_cl; peak memory = torch.cuda.max_memory_allocated")
     ap.add_argument("--json", type=Path, default=None)
@@ -162,7 +164,7 @@ def main() -> None:
     for mode in modes:
         steps = {}
         for n in nets:
-            steps[n] = make_step(n, plan, mode, args.device)[1]
+            steps[n] = make_step(n, plan, mode, args.device, args.compile)[1]
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
