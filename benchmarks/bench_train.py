@@ -6,7 +6,7 @@ augmentation worker each, `--threads` torch threads. Each runs 2 epochs of `--it
 iterations; epoch 1 is warm-up (worker start, oneDNN kernel creation), epoch 2 is measured:
 iterations per second (data wait included), the fraction of that epoch spent waiting for a batch,
 and the peak PSS/RSS of the whole process tree (trainer + workers; sampled every 0.2 s).
-medseg3d runs twice: its default (bf16 autocast on CPU) and --no-amp (fp32, as nnU-Net runs on CPU).
+medseg3d runs twice: fp32 (its CPU default, as nnU-Net runs on CPU) and --amp (bf16 autocast).
 nnU-Net is driven from Python (design.md: `nnUNetv2_train -tr` fails here) in the bench venv.
 
     /work/venv-bench/bin/python benchmarks/bench_train.py --data /work/shared/data/Task04_Hippocampus \
@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--task-id", type=int, default=4)
     ap.add_argument("--nnunet-base", type=Path, help="reuse nnUNet_raw/_preprocessed under this folder")
     ap.add_argument("--reps", type=int, default=1, help="repetitions in alternating order; the best of each is kept")
+    ap.add_argument("--tools", default="nnunet,medseg3d_bf16,medseg3d_fp32", help="comma-separated subset")
     ap.add_argument("--out", type=Path, default=Path("bench_train.json"))
     ap.add_argument("--child", choices=["nnunet", "medseg3d"])
     ap.add_argument("--report")
@@ -200,6 +201,7 @@ def main() -> None:
         ("medseg3d_bf16", ["--child", "medseg3d", "--amp", "1"]),
         ("medseg3d_fp32", ["--child", "medseg3d", "--amp", "0"]),
     ]
+    tools = [t for t in tools if t[0] in args.tools.split(",")]
     all_runs: dict[str, list[dict]] = {name: [] for name, _ in tools}
     for rep in range(args.reps):
         for name, extra in (tools if rep % 2 == 0 else tools[::-1]):

@@ -2,8 +2,16 @@ import math
 
 import torch
 
-from medseg3d.data.augment import (AugmentParams, augment_batch, brightness, gamma, gaussian_blur, mirror,
-                                   no_augmentation, spatial_transform)
+from medseg3d.data.augment import (
+    AugmentParams,
+    augment_batch,
+    brightness,
+    gamma,
+    gaussian_blur,
+    mirror,
+    no_augmentation,
+    spatial_transform,
+)
 
 torch.set_num_threads(1)
 

@@ -49,7 +49,9 @@ def register(app: typer.Typer) -> None:
         oversample_fg: float = typer.Option(0.33, "--oversample-fg", help="Fraction of each batch centred on foreground."),
         augment: bool = typer.Option(True, "--augment/--no-augment", help="Data augmentation."),
         device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
-        amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision (bf16; fp16 + GradScaler on older GPUs)."),
+        amp: bool | None = typer.Option(None, "--amp/--no-amp",
+                                        help="Mixed precision: bf16 (fp16 + GradScaler on older GPUs). "
+                                             "Default: on for CUDA, off on CPU (measured slower there)."),
         compile_: bool = typer.Option(False, "--compile", help="torch.compile the network."),
         num_workers: int | None = typer.Option(None, "--num-workers", help="Augmentation worker processes."),
         resume: bool = typer.Option(False, "--resume", help="Continue from checkpoint_latest.pt."),

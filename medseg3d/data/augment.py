@@ -143,7 +143,7 @@ def gaussian_blur(image: torch.Tensor, params: AugmentParams, g: torch.Generator
     return out
 
 
-def _per_sample_channel(x: torch.Tensor, fn) -> torch.Tensor:  # noqa: ANN001
+def _per_sample_channel(x: torch.Tensor, fn) -> torch.Tensor:
     b, c = x.shape[:2]
     return fn(x.reshape(b, c, -1)).reshape(x.shape)
 

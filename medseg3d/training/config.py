@@ -34,7 +34,8 @@ class TrainConfig:
     oversample_fg: float = 0.33
     augment: bool = True
     device: str = "auto"
-    amp: bool = True                         # CUDA: bf16 (fp16 + GradScaler where bf16 is missing); CPU: bf16
+    amp: bool | None = None                  # None: on for CUDA (bf16, or fp16 + GradScaler), off on CPU
+    #                                          (bf16 autocast measured slower than fp32 here: docs/benchmarks.md)
     compile: bool = False
     num_workers: int | None = None           # None: min(4, cpus - 1) on CUDA, 1 on CPU
     seed: int = 12345

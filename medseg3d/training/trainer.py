@@ -29,8 +29,15 @@ from medseg3d.errors import ConfigError, OutputExistsError, PlanError
 from medseg3d.logging_utils import add_file_log, console
 from medseg3d.training import state as st
 from medseg3d.training.config import TrainConfig
-from medseg3d.training.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_flag, \
-    cleanup, init_distributed
+from medseg3d.training.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    broadcast_flag,
+    cleanup,
+    init_distributed,
+)
 from medseg3d.training.logger import write_epoch_artifacts
 from medseg3d.training.validation import confusion_counts, dice_from_counts, final_validation
 
@@ -53,8 +60,14 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def amp_setup(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, Any]:
-    """(autocast dtype or None, GradScaler or None): bf16 where supported, fp16 + scaler on older GPUs."""
+def amp_setup(device: torch.device, enabled: bool | None) -> tuple[torch.dtype | None, Any]:
+    """(autocast dtype or None, GradScaler or None): bf16 where supported, fp16 + scaler on older GPUs.
+
+    `enabled=None` means on for CUDA and off for the CPU (bf16 autocast trained slower than fp32 on
+    this project's CPU, docs/benchmarks.md); `True` on the CPU gives bf16 autocast.
+    """
+    if enabled is None:
+        enabled = device.type == "cuda"
     if not enabled:
         return None, None
     if device.type == "cuda":

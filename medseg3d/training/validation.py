@@ -102,5 +102,5 @@ class _null:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, *a: Any) -> None:
+    def __exit__(self, *a: object) -> None:
         return None
