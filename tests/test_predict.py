@@ -266,3 +266,17 @@ def test_fold_all_is_found_and_named(work_dir, tmp_path):
     assert len(load_fold_models(wd, "3d_fullres", "unet", ["all"], "final", plan_hash)) == 1
     shutil.rmtree(mdir / "fold_0")
     assert len(load_fold_models(wd, "3d_fullres", "unet", None, "final", plan_hash)) == 1  # fold_all alone
+
+
+@pytest.mark.parametrize("scale", [(1.0, 1.0, 1.0), (0.7, 1.3, 0.8)])
+def test_lean_preprocessing_equals_the_pipeline(work_dir, scale):
+    from medseg3d.inference.predictor import preprocess_releasing_input
+
+    cfg = Plans.load(work_dir).configuration("3d_fullres")
+    image = read_volume(MINI / "imagesTs" / "hippocampus_360.nii.gz")
+    image = Volume(image.array, image.affine @ np.diag([*scale, 1.0]), None)
+    ref = preprocess_case(image, cfg)
+    data, props = preprocess_releasing_input([image.array.copy()], tuple(image.spacing), cfg)
+    np.testing.assert_array_equal(data, ref.data)
+    for key in ("original_shape", "original_spacing", "bbox", "shape_after_crop", "shape_after_resample", "spacing"):
+        assert props[key] == ref.properties[key], key

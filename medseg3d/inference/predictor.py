@@ -23,13 +23,14 @@ from torch import nn
 
 from medseg3d.errors import InputError
 from medseg3d.inference.sliding_window import sliding_window_slabs
-from medseg3d.preprocess.crop import uncrop
-from medseg3d.preprocess.pipeline import preprocess_case, probs_to_original, resample_data
-from medseg3d.preprocess.resample import separate_axis_for
+from medseg3d.preprocess.crop import crop_to_nonzero, uncrop
+from medseg3d.preprocess.normalize import normalize
+from medseg3d.preprocess.pipeline import probs_to_original, resample_data
+from medseg3d.preprocess.resample import compute_new_shape, separate_axis_for
 
 if TYPE_CHECKING:
     from medseg3d.io.volume import Volume
-    from medseg3d.plans.schema import Plans
+    from medseg3d.plans.schema import ConfigurationPlan, Plans
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,36 @@ def check_input(image: Volume, plans: Plans, case: str = "") -> None:
         raise InputError(f"{who}image holds NaN or Inf voxels; fix or mask them before predicting")
 
 
+def preprocess_releasing_input(
+    box: list[np.ndarray], spacing: tuple[float, ...], config: ConfigurationPlan
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """`preprocess_arrays` without a label, dropping the input `(C, X, Y, Z)` (popped from `box`) once
+    it is normalised, so the cubic resampling does not run with the input still held.
+
+    Same steps and functions as `medseg3d.preprocess.pipeline.preprocess_arrays` (tests check the
+    result is identical); returns `(data float32 (C, X', Y', Z'), properties)`.
+    """
+    data = np.asarray(box.pop())
+    if data.ndim != 4:
+        raise InputError(f"expected a 3D image (C, X, Y, Z), got shape {data.shape}")
+    original_shape = tuple(int(s) for s in data.shape[1:])
+    data_c, _, bbox = crop_to_nonzero(data)
+    del data
+    shape_after_crop = tuple(int(s) for s in data_c.shape[1:])
+    data_n = normalize(data_c, config.normalization)
+    del data_c  # the crop was a view: with it the input goes
+    new_shape = compute_new_shape(shape_after_crop, spacing, config.spacing)
+    sep = config.resampling.get("separate_axis")
+    if sep is None:
+        sep = separate_axis_for(spacing, config.spacing)
+    data_r = resample_data(data_n, new_shape, order=int(config.resampling.get("image_order", 3)), separate_axis=sep)
+    del data_n
+    props = {"original_shape": list(original_shape), "original_spacing": [float(s) for s in spacing], "bbox": bbox,
+             "shape_after_crop": list(shape_after_crop), "shape_after_resample": list(new_shape),
+             "spacing": [float(s) for s in config.spacing]}
+    return np.ascontiguousarray(data_r, dtype=np.float32), props
+
+
 def probabilities_to_seg(
     probs: np.ndarray, properties: dict[str, Any], separate_axis: int | None
 ) -> np.ndarray:
@@ -167,11 +198,12 @@ def predict_case(
     config = plans.configuration(config_name)
     dev = resolve_device(device)
     amp = resolve_amp(precision, dev)
-    pre = preprocess_case(image, config)
-    del image  # when the caller passed its only reference (predict_folder does), the input voxels go now
-    props = pre.properties
-    data = torch.from_numpy(pre.data)
-    del pre
+    arr, spacing = image.array, tuple(image.spacing)
+    del image  # when the caller passed its only reference (predict_folder does), `arr` is the last one
+    data_np, props = preprocess_releasing_input([arr], spacing, config)
+    del arr
+    data = torch.from_numpy(data_np)
+    del data_np
     if batch_size is None:
         batch_size = default_batch_size(config.patch_size, config.dims)
     stream = sliding_window_slabs(
