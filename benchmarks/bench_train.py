@@ -6,7 +6,7 @@ augmentation worker each, `--threads` torch threads. Each runs 2 epochs of `--it
 iterations; epoch 1 is warm-up (worker start, oneDNN kernel creation), epoch 2 is measured:
 iterations per second (data wait included), the fraction of that epoch spent waiting for a batch,
 and the peak PSS/RSS of the whole process tree (trainer + workers; sampled every 0.2 s).
-medseg3d runs twice: fp32 (its CPU default, as nnU-Net runs on CPU) and --amp (bf16 autocast).
+medseg3d runs twice: bf16 autocast (its default on CPUs with native bf16) and fp32 (as nnU-Net on CPU).
 nnU-Net is driven from Python (design.md: `nnUNetv2_train -tr` fails here) in the bench venv.
 
     /work/venv-bench/bin/python benchmarks/bench_train.py --data /work/shared/data/Task04_Hippocampus \

@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
         amp: bool | None = typer.Option(None, "--amp/--no-amp",
                                         help="Mixed precision: bf16 (fp16 + GradScaler on older GPUs). "
-                                             "Default: on for CUDA, off on CPU (measured slower there)."),
+                                             "Default: on for CUDA and on CPUs with native bf16."),
         compile_: bool = typer.Option(False, "--compile", help="torch.compile the network."),
         num_workers: int | None = typer.Option(None, "--num-workers", help="Augmentation worker processes."),
         resume: bool = typer.Option(False, "--resume", help="Continue from checkpoint_latest.pt."),

@@ -34,8 +34,7 @@ class TrainConfig:
     oversample_fg: float = 0.33
     augment: bool = True
     device: str = "auto"
-    amp: bool | None = None                  # None: on for CUDA (bf16, or fp16 + GradScaler), off on CPU
-    #                                          (bf16 autocast measured slower than fp32 here: docs/benchmarks.md)
+    amp: bool | None = None                  # None: CUDA bf16 (or fp16 + GradScaler); CPU bf16 where native
     compile: bool = False
     num_workers: int | None = None           # None: min(4, cpus - 1) on CUDA, 1 on CPU
     seed: int = 12345
