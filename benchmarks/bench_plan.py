@@ -25,46 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _procmem import tree_memory
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    try:  # cheap where the kernel exposes it; else scan /proc
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            kids += [int(k) for k in (task / "children").read_text().split()]
-        return kids
-    except OSError:
-        pass
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                out.append(int(p.name))
-    return out
-
-
-def _tree_memory(pid: int) -> tuple[int, int]:
-    """(sum of RSS, sum of PSS) in bytes over `pid` and its descendants. PSS splits pages shared by
-    forked workers between them, so it does not count them once per worker as the RSS sum does."""
-    rss = pss = 0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1]) * 1024
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-        todo += _children(p)
-    return rss, pss
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict:
@@ -73,7 +37,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = peak_pss = 0
     while proc.poll() is None:
-        rss, pss = _tree_memory(proc.pid)
+        rss, pss = tree_memory(proc.pid)
         peak, peak_pss = max(peak, rss), max(peak_pss, pss)
         time.sleep(0.05)
     wall = time.perf_counter() - t0

@@ -26,37 +26,13 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _procmem import tree_memory
+
 HERE = Path(__file__).resolve()
 
 
 # ---------------------------------------------------------------- process-tree memory sampler
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            kids += [int(k) for k in (task / "children").read_text().split()]
-    except OSError:
-        pass
-    return kids
-
-
-def _tree_memory(pid: int) -> tuple[int, int]:
-    rss = pss = 0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1]) * 1024
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-        todo += _children(p)
-    return rss, pss
-
-
 def run_measured(cmd: list[str], env: dict[str, str]) -> dict:
     """Run `cmd`; wall time and peak tree RSS/PSS."""
     t0 = time.perf_counter()
@@ -65,7 +41,7 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> dict:
 
     def sample() -> None:
         while proc.poll() is None:
-            r, p = _tree_memory(proc.pid)
+            r, p = tree_memory(proc.pid)
             peak[0], peak[1] = max(peak[0], r), max(peak[1], p)
             time.sleep(0.2)
 
