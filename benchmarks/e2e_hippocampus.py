@@ -90,7 +90,8 @@ def main() -> None:
     # 3. train both at the same time, same budget, same threads, one data worker each
     start = time.time()
     ours = timed([sys.executable, "-m", "medseg3d", "train", str(work), "--config", "3d_fullres", "--fold", str(args.fold),
-                  "--time-budget", str(budget_s), "--num-workers", "1"], env, out / "medseg3d_train.log")
+                  "--time-budget", str(budget_s), "--num-workers", "1", "--iterations-per-epoch", "50",
+                  "--val-iterations", "5"], env, out / "medseg3d_train.log")
     theirs = timed([sys.executable, str(HERE / "_nnunet_budget_train.py"), "--budget-s", str(budget_s), "--fold",
                     str(args.fold), "--threads", str(args.threads), "--report", str(out / "nnunet_train.json")],
                    env, out / "nnunet_train.log")

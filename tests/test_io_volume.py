@@ -102,3 +102,20 @@ def test_write_refuses_to_overwrite_and_leaves_no_temp(tmp_path):
         write_volume(vol, tmp_path / "x.nii.gz")
     write_volume(vol, tmp_path / "x.nii.gz", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.nii.gz"]
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import importlib
+    import os
+    import stat
+
+    import medseg3d.io.atomic as atomic
+
+    old = os.umask(0o022)
+    try:
+        importlib.reload(atomic)  # the module reads the umask once, at import
+        atomic.write_json_atomic(tmp_path / "a.json", {"x": 1})
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+        importlib.reload(atomic)

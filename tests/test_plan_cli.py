@@ -37,7 +37,7 @@ def test_plan_end_to_end_and_rerun(tmp_path, capsys):
     names = [c["name"] for c in fp["cases"]]
     assert all(is_cached(work, "3d_fullres", n) for n in names)
     d, s, props = load_case(work, "3d_fullres", names[0])
-    assert d.dtype == np.float32 and s.dtype == np.int8 and set(props["class_locations"]) == {"1", "2"}
+    assert d.dtype == np.float16 and s.dtype == np.int8 and set(props["class_locations"]) == {"1", "2"}
 
     # rerun: nothing recomputed, plans.json untouched
     mtime = (work / "plans.json").stat().st_mtime_ns

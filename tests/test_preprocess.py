@@ -199,3 +199,18 @@ def test_probs_to_original_anisotropic():
     assert np.allclose(probs[:, :2].sum(0), [[1.0]])  # outside the crop: background probability 1
     back = probs.argmax(0)
     assert dice(back > 0, seg > 0) > 0.95
+
+
+def test_cache_stores_float16_unless_values_do_not_fit(tmp_path):
+    from medseg3d.preprocess.cache import is_cached, load_case, save_case
+
+    props = {"shape_after_resample": [4, 5, 6]}
+    small = np.random.default_rng(0).normal(size=(1, 4, 5, 6)).astype(np.float32)
+    save_case(tmp_path, "3d_fullres", "a", small, np.zeros((4, 5, 6), np.int8), props)
+    d, _, _ = load_case(tmp_path, "3d_fullres", "a")
+    assert d.dtype == np.float16 and np.allclose(d, small, rtol=1e-3, atol=1e-3)
+    raw = small * 1e5  # unnormalised intensities beyond float16's range stay float32
+    save_case(tmp_path, "3d_fullres", "b", raw, np.zeros((4, 5, 6), np.int8), props)
+    d, _, _ = load_case(tmp_path, "3d_fullres", "b")
+    assert d.dtype == np.float32 and np.array_equal(d, raw)
+    assert is_cached(tmp_path, "3d_fullres", "a") and is_cached(tmp_path, "3d_fullres", "b")

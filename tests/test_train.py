@@ -181,3 +181,23 @@ def test_ddp_two_cpu_processes_gloo(planned, tmp_path):
     assert len(_rows(fd)) == 1
     ckpt = torch.load(fd / "checkpoint_final.pt", weights_only=False)
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_time_budget_reestimates_after_warmup_and_guards_overrun():
+    """The slow first epoch (warm-up) does not shrink the run: epochs 2-3 re-size it; later an overrun stops it."""
+    from medseg3d.training import state as st
+    from medseg3d.training.distributed import DistInfo
+    from medseg3d.training.trainer import _fit_budget
+
+    tc = TrainConfig(epochs=100, time_budget_s=100.0)
+    info = DistInfo()
+    run = st.RunState()
+    run.epoch = 1
+    _fit_budget(tc, run, 20.0, [20.0], 100, info, torch.device("cpu"))
+    assert tc.epochs == 5                      # 1 + 80 s / 20 s
+    run.epoch = 2
+    _fit_budget(tc, run, 22.0, [20.0, 2.0], 100, info, torch.device("cpu"))
+    assert tc.epochs == 41                     # 2 + 78 s / 2 s
+    run.epoch = 30
+    _fit_budget(tc, run, 99.0, [20.0, 2.0, 2.0, 2.0], 100, info, torch.device("cpu"))
+    assert tc.epochs == 30                     # one more 2 s epoch would overrun

@@ -15,6 +15,9 @@ from typing import Any
 
 from medseg3d.errors import OutputExistsError
 
+_UMASK = os.umask(0)  # read the process umask once (os.umask can only read it by setting it)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
@@ -36,6 +39,7 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

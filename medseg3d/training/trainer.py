@@ -228,7 +228,8 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
     labels = [plans.labels.get(c, str(c)) for c in range(1, ctx["num_classes"])]
     columns = [TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
-    run_start, first_epoch = time.perf_counter(), state.epoch
+    run_start, first_epoch, requested_epochs = time.perf_counter(), state.epoch, tc.epochs
+    epoch_times: list[float] = []
     with Progress(*columns, console=console, disable=not info.is_main, transient=True) as bar:
         while state.epoch < tc.epochs:
             epoch = state.epoch
@@ -278,25 +279,38 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
                          ", ".join(f"{n} {d:.3f}" for n, d in zip(labels, dice)) or "-",
                          "-" if state.ema_dice is None else f"{state.ema_dice:.4f}", lr, epoch_time,
                          100 * row["data_wait_fraction"])
-            if tc.time_budget_s is not None and state.epoch == first_epoch + 1:
-                _fit_budget(tc, state, time.perf_counter() - run_start, epoch_time, info, ctx["device"])
+            epoch_times.append(epoch_time)
+            if tc.time_budget_s is not None:
+                _fit_budget(tc, state, time.perf_counter() - run_start, epoch_times, requested_epochs, info,
+                            ctx["device"])
             if stop:
                 log.info("early stopping: no new best EMA pseudo-Dice for %d epochs", tc.early_stopping)
                 break
 
 
-def _fit_budget(tc: TrainConfig, state: st.RunState, elapsed: float, epoch_time: float, info: DistInfo,
-                device: torch.device) -> None:
-    """Size the run (and so the poly schedule) so it ends within `time_budget_s`, from the first epoch's time."""
-    remaining = float(tc.time_budget_s or 0) - elapsed
-    fit = state.epoch + max(0, int(remaining / max(epoch_time, 1e-6)))
-    t = torch.tensor([min(tc.epochs, fit)], device=device)
+def _fit_budget(tc: TrainConfig, state: st.RunState, elapsed: float, epoch_times: list[float],
+                requested_epochs: int, info: DistInfo, device: torch.device) -> None:
+    """Size the run (and so the poly schedule) so it ends within `time_budget_s` (seconds).
+
+    Over the first three epochs of this invocation the number of epochs is re-estimated from the
+    latest epoch's time (the first one carries warm-up: autocast kernels, worker start-up), never
+    beyond what was asked for; after that the run only stops early when one more epoch of the mean
+    time would overrun the budget (a slower machine part-way through).
+    """
+    budget = float(tc.time_budget_s or 0)
+    remaining = budget - elapsed
+    if len(epoch_times) <= 3:
+        per_epoch = epoch_times[-1] if len(epoch_times) == 1 else float(np.mean(epoch_times[1:]))
+        fit = min(requested_epochs, state.epoch + max(0, int(remaining / max(per_epoch, 1e-6))))
+    else:
+        fit = state.epoch if remaining < float(np.mean(epoch_times[1:])) else tc.epochs
+    t = torch.tensor([fit], device=device)
     if info.enabled:  # rank 0 decides, so every rank runs the same number of epochs
         torch.distributed.broadcast(t, 0)
     new = int(t.item())
     if new != tc.epochs:
-        log.info("time budget %.0f s: %d epochs of %.1f s fit; training %d epochs instead of %d",
-                 tc.time_budget_s, new - state.epoch, epoch_time, new, tc.epochs)
+        log.info("time budget %.0f s: %.0f s left, %.1f s per epoch; training %d epochs instead of %d",
+                 budget, remaining, epoch_times[-1], new, tc.epochs)
         tc.epochs = new
 
 
