@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per tool (they run at the same time)")
     parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--score-only", action="store_true",
+                        help="skip planning and training; score the validations already in OUT")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -70,8 +72,25 @@ def main() -> None:
            "nnUNet_results": str(out / "nnunet" / "results"), "nnUNet_n_proc_DA": "1", "nnUNet_compile": "f",
            "COLUMNS": "160"}
 
-    # 1. plan + preprocess with both tools (sequentially; timed separately in bench_plan.py)
     work = out / "medseg3d"
+    name = "Dataset004_Hippocampus"
+    from medseg3d.data.splits import make_splits
+    from medseg3d.io import load_dataset
+
+    splits = make_splits([c.name for c in load_dataset(args.data).cases])
+    val_cases = splits[args.fold]["val"]
+    if args.score_only:
+        wall = json.loads((out / "e2e_report.json").read_text())["wall_s_both"] if (out / "e2e_report.json").is_file() \
+            else float("nan")
+    else:
+        wall = train_both(args, out, work, env, splits, budget_s)
+    score(args, out, work, name, val_cases, wall)
+
+
+def train_both(args: argparse.Namespace, out: Path, work: Path, env: dict[str, str], splits: list[dict],
+               budget_s: float) -> float:
+    """Plan, preprocess and train both tools side by side; returns the wall time of the training."""
+    # 1. plan + preprocess with both tools (sequentially; timed separately in bench_plan.py)
     subprocess.run([sys.executable, "-m", "medseg3d", "plan", str(args.data), "-o", str(work), "--configs", "3d_fullres",
                     "--gpu-memory", "8"], env=env, check=True)
     name = prepare_nnunet_raw(args.data, out / "nnunet" / "raw")
@@ -79,13 +98,8 @@ def main() -> None:
                    stdout=subprocess.DEVNULL)
 
     # 2. one split for both: medseg3d's deterministic split, also as nnU-Net's splits_final.json
-    from medseg3d.data.splits import make_splits
-    from medseg3d.io import load_dataset
-
-    splits = make_splits([c.name for c in load_dataset(args.data).cases])
     (work / "splits.json").write_text(json.dumps(splits, indent=2))
     (out / "nnunet" / "preprocessed" / name / "splits_final.json").write_text(json.dumps(splits, indent=2))
-    val_cases = splits[args.fold]["val"]
 
     # 3. train both at the same time, same budget, same threads, one data worker each
     start = time.time()
@@ -98,8 +112,11 @@ def main() -> None:
     codes = (ours.wait(), theirs.wait())
     if any(codes):
         sys.exit(f"training failed (exit codes medseg3d {codes[0]}, nnU-Net {codes[1]}); see the logs in {out}")
-    wall = time.time() - start
+    return time.time() - start
 
+
+def score(args: argparse.Namespace, out: Path, work: Path, name: str, val_cases: list[str], wall: float) -> None:
+    """Score both fold validations with `medseg3d evaluate`; write OUT/e2e_report.json, print the table."""
     # 4. score both fold-0 validations with medseg3d evaluate against the same references
     from medseg3d.evaluation.evaluate import evaluate_pairs, pair_with_references, list_label_files
 
@@ -115,6 +132,7 @@ def main() -> None:
     metrics = (work / "results" / "3d_fullres" / "unet" / f"fold_{args.fold}" / "metrics.csv").read_text().splitlines()
     report["medseg3d_train"] = {"epochs": len(metrics) - 1, "last_row": metrics[-1], "header": metrics[0]}
     (out / "e2e_report.json").write_text(json.dumps(report, indent=2, default=str))
+    report = json.loads((out / "e2e_report.json").read_text())  # class keys as strings, as in the file
 
     print(f"\n| tool | Dice 1 (Anterior) | Dice 2 (Posterior) | mean Dice | HD95 1 mm | HD95 2 mm |")
     print("|---|---|---|---|---|---|")
