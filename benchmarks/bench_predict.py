@@ -10,7 +10,8 @@ plan of the hippocampus: patch 40x56x40, features 32-64-128-256, 3x3x3 kernels),
 speed does not depend on the weights. Parts:
   hippocampus: the first N images of Task04_Hippocampus/imagesTs (or the shipped imagesTs).
   large: a synthetic 512x512x400 volume at 0.8x0.8x1.0 mm, 4 classes, plan spacing 1 mm, a small
-         network with a 128^3 patch, step 1.0 and no TTA (it is about memory, not speed).
+         network with a 128^3 patch, step 1.0 and no TTA, medseg3d at `--precision auto` (it is about
+         memory, not speed).
 """
 
 from __future__ import annotations
@@ -284,7 +285,11 @@ def main() -> None:
     results: dict = {"threads": args.threads, "step": args.step, "python": sys.executable}
     import torch
 
+    from medseg3d.inference.predictor import resolve_amp
+
     results["torch"] = torch.__version__
+    # "auto" is what a user gets: bf16 only where oneDNN has native bf16 (AVX512-bf16/AMX), else fp32
+    results["auto_precision_on_this_cpu"] = str(resolve_amp("auto", torch.device("cpu")))
     if args.trained:
         results["trained_precision_check"] = trained_precision_check(Path(args.trained), bench, args.threads)
     parts = [p for p in args.parts.split(",") if p]
@@ -312,7 +317,7 @@ def main() -> None:
         lwd, l_med, l_nn = setup_large(bench)
         base = {"threads": args.threads, "step": 1.0, "tta": False, "mirror_axes": [0, 1, 2]}
         big = bench / "large"
-        rows = {"medseg_bf16": run_child("medseg", {**base, "precision": "bf16", "work_dir": str(lwd),
+        rows = {"medseg_auto": run_child("medseg", {**base, "precision": "auto", "work_dir": str(lwd),
                                                     "input": str(l_med), "output": str(big / "o_ms")}, "large_ms", big),
                 "nnunet": run_child("nnunet", {**base, "input": str(l_nn), "output": str(big / "o_nn"),
                                                "nnunet_plans": str(big / "nnunet_plans.json"),

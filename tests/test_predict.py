@@ -280,3 +280,20 @@ def test_lean_preprocessing_equals_the_pipeline(work_dir, scale):
     np.testing.assert_array_equal(data, ref.data)
     for key in ("original_shape", "original_spacing", "bbox", "shape_after_crop", "shape_after_resample", "spacing"):
         assert props[key] == ref.properties[key], key
+
+
+def test_slab_export_equals_argmax_of_the_whole_resampled_probabilities(monkeypatch):
+    """The bounded export (slabs of rows, class by class) labels like argmax of all classes resampled at once."""
+    from medseg3d.inference import predictor
+    from medseg3d.preprocess.resample import resample_data
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(4, 19, 23, 11)).astype(np.float32)
+    probs = (np.exp(logits) / np.exp(logits).sum(0)).astype(np.float16)
+    props = {"shape_after_crop": [40, 30, 25], "bbox": [[2, 42], [0, 30], [5, 30]], "original_shape": [45, 30, 33]}
+    ref = np.argmax(resample_data(probs, (40, 30, 25), order=1), 0)
+    monkeypatch.setattr(predictor, "_EXPORT_SLAB_VOXELS", 30 * 25 * 3)  # 3 rows per slab: 14 slabs
+    seg = predictor.probabilities_to_seg(probs, props, separate_axis=None)
+    assert seg.shape == (45, 30, 33) and seg.dtype == np.uint8
+    assert (seg[:2] == 0).all() and (seg[:, :, :5] == 0).all() and (seg[:, :, 30:] == 0).all()
+    assert (seg[2:42, :, 5:30] == ref).mean() > 0.9999

@@ -168,6 +168,23 @@ def test_corrupt_checkpoint_and_other_plan_are_refused(planned, tmp_path, capsys
     assert "another plan" in capsys.readouterr().err
 
 
+def test_adamw_trains_resumes_and_refuses_the_other_optimizer(planned, tmp_path, capsys):
+    wd = _copy(planned, tmp_path)
+    base = ["train", str(wd), "--fold", "0", "--iterations-per-epoch", "2", "--num-workers", "0",
+            "--no-final-validation", "--lr", "0.001", *TINY]
+    assert cli([*base, "--epochs", "1", "--optimizer", "adamw"]) == 0
+    fd = wd / "results" / "3d_fullres" / "unet" / "fold_0"
+    ckpt = torch.load(fd / "checkpoint_latest.pt", weights_only=False)
+    assert "exp_avg" in next(iter(ckpt["optimizer"]["state"].values()))  # AdamW's moments were saved
+    capsys.readouterr()
+    assert cli([*base, "--epochs", "2", "--resume"]) == 2  # default sgd against an adamw checkpoint
+    assert "--optimizer adamw" in capsys.readouterr().err
+    assert cli([*base, "--epochs", "2", "--resume", "--optimizer", "adamw"]) == 0
+    assert torch.load(fd / "checkpoint_final.pt", weights_only=False)["epoch"] == 2
+    assert cli([*base, "--epochs", "1", "--optimizer", "adam"]) == 2
+    assert "--optimizer must be one of sgd, adamw" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_gloo(planned, tmp_path):
     wd = _copy(planned, tmp_path)

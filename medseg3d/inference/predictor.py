@@ -26,7 +26,7 @@ from medseg3d.inference.sliding_window import sliding_window_slabs
 from medseg3d.preprocess.crop import crop_to_nonzero, uncrop
 from medseg3d.preprocess.normalize import normalize
 from medseg3d.preprocess.pipeline import probs_to_original, resample_data
-from medseg3d.preprocess.resample import compute_new_shape, separate_axis_for
+from medseg3d.preprocess.resample import compute_new_shape, linear_rows, separate_axis_for
 
 if TYPE_CHECKING:
     from medseg3d.io.volume import Volume
@@ -139,32 +139,40 @@ def preprocess_releasing_input(
     return np.ascontiguousarray(data_r, dtype=np.float32), props
 
 
+#: Voxels of the original grid resampled per export slab (16 MB per float32 class map).
+_EXPORT_SLAB_VOXELS = 1 << 22
+
+
 def probabilities_to_seg(
     probs: np.ndarray, properties: dict[str, Any], separate_axis: int | None
 ) -> np.ndarray:
     """Probabilities `(K, X', Y', Z')` (float16/32) at network spacing -> labels `(X, Y, Z)` uint8 in the original grid.
 
-    Bounded memory: classes are resampled (linear) one at a time into a running max + argmax, so
-    at most one float32 class map plus the running max is held at the cropped original size.
+    Bounded memory: the cropped original grid is filled one slab of first-axis rows at a time
+    (about `_EXPORT_SLAB_VOXELS` voxels); within a slab each class is resampled linearly from just
+    the rows of `probs` it needs into a running max + argmax. Beyond `probs` itself, only the uint8
+    result (cropped and uncropped) is full-sized. Linear resampling is separable, so
+    `separate_axis` (kept for the signature) changes nothing: the result is the one-pass trilinear
+    resampling, as nnU-Net's export (per-axis linear) gives.
     """
     crop_shape = tuple(int(s) for s in properties["shape_after_crop"])
     dtype = np.uint8 if probs.shape[0] <= 256 else np.uint16
+    seg_c = np.empty(crop_shape, dtype=dtype)
     if tuple(probs.shape[1:]) == crop_shape:  # slab by slab: np.argmax alone makes an int64 full-size temporary
-        seg_c = np.empty(crop_shape, dtype=dtype)
         for x in range(0, crop_shape[0], 16):
             seg_c[x:x + 16] = np.argmax(probs[:, x:x + 16], axis=0)
     else:
-        best = None
-        seg_c = np.zeros(crop_shape, dtype=dtype)
-        for k in range(probs.shape[0]):
-            res = resample_data(probs[k:k + 1].astype(np.float32), crop_shape, order=1, separate_axis=separate_axis)[0]
-            if best is None:
-                best = res
-                continue
-            win = res > best
-            seg_c[win] = k
-            np.maximum(best, res, out=best)
-            del res, win
+        rows = max(1, _EXPORT_SLAB_VOXELS // max(1, int(np.prod(crop_shape[1:]))))
+        for x0 in range(0, crop_shape[0], rows):
+            x1 = min(crop_shape[0], x0 + rows)
+            best = linear_rows(probs[0], crop_shape, x0, x1)
+            slab = np.zeros(best.shape, dtype=dtype)
+            for k in range(1, probs.shape[0]):
+                res = linear_rows(probs[k], crop_shape, x0, x1)
+                win = res > best
+                slab[win] = k
+                np.maximum(best, res, out=best)
+            seg_c[x0:x1] = slab
     return uncrop(seg_c, properties["bbox"], tuple(int(s) for s in properties["original_shape"]), fill=0)
 
 

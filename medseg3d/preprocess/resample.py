@@ -77,6 +77,29 @@ def _zoom(arr: np.ndarray, new_shape: Sequence[int], order: int, out: np.ndarray
     return out
 
 
+def linear_rows(arr: np.ndarray, new_shape: Sequence[int], start: int, stop: int) -> np.ndarray:
+    """Rows `start:stop` (first axis) of `arr` resampled linearly to `new_shape`, voxel centres aligned.
+
+    `arr` is one spatial array `(X, Y, Z)` (or `(X, Y)`) of any float dtype; returns float32
+    `(stop - start, *new_shape[1:])`, reading only the input rows those output rows need (a copy of
+    at most `stop - start` scaled rows + 2). Linear interpolation is separable, so this equals
+    `_resample_one(arr, new_shape, 1, separate_axis, 1)` for any `separate_axis` (same values to
+    float32 rounding): the export uses it to resample a large volume one slab at a time.
+    """
+    new_shape = tuple(int(s) for s in new_shape)
+    scale = np.asarray(arr.shape, dtype=float) / np.asarray(new_shape, dtype=float)
+    offset = 0.5 * scale - 0.5  # output voxel centre -> input voxel centre (grid mode)
+    first = start * scale[0] + offset[0]  # input coordinate of output row `start`
+    last = (stop - 1) * scale[0] + offset[0]
+    i0 = min(max(0, int(np.floor(first))), arr.shape[0] - 1)
+    i1 = min(arr.shape[0], max(i0 + 1, int(np.floor(last)) + 2))
+    sub = np.asarray(arr[i0:i1], dtype=np.float32)
+    offset[0] = first - i0
+    out = np.empty((stop - start, *new_shape[1:]), dtype=np.float32)
+    ndimage.affine_transform(sub, scale, offset=offset, output=out, order=1, mode="nearest", prefilter=False)
+    return out
+
+
 def _fit(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     sl = tuple(slice(0, min(a, s)) for a, s in zip(arr.shape, shape))
     out = np.empty(shape, dtype=arr.dtype)

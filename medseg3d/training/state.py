@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg3d.errors import CheckpointError
 from medseg3d.inference.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,13 @@ def resume(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scaler:
     """
     ckpt = load_checkpoint(path, expected_plan_hash=plan_hash, map_location=device)
     net.load_state_dict(ckpt["model"])
+    saved_opt = (ckpt.get("train_config") or {}).get("optimizer", "sgd")
+    wanted = "adamw" if isinstance(optimizer, torch.optim.AdamW) else "sgd"
+    if ckpt.get("optimizer") is not None and saved_opt != wanted:
+        raise CheckpointError(
+            f"{path} was trained with --optimizer {saved_opt}; resume with --optimizer {saved_opt}, "
+            f"or start this fold afresh in another WORK_DIR to use {wanted}"
+        )
     if ckpt.get("optimizer") is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
