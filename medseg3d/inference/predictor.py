@@ -62,7 +62,8 @@ def resolve_amp(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for `precision` (auto|fp32|bf16|fp16) on `device`; None means float32.
 
     `auto`: float16 on CUDA (as nnU-Net), bfloat16 on a CPU with native bf16 support (about 2x
-    faster here, same labels on the hippocampus check in docs/benchmarks.md), else float32.
+    faster there, same Dice on a trained model, docs/benchmarks.md), else float32 (emulated bf16
+    is many times slower).
     """
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
