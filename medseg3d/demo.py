@@ -82,8 +82,9 @@ def run_demo(out: Path, device: str = "auto", schedule: DemoSchedule | None = No
         log.info("3/5 train: %s already holds a finished model; reusing it", fold_dir)
     else:
         resume = (fold_dir / "checkpoint_latest.pt").is_file()
-        log.info("3/5 train %s/%s on all training cases (%d epochs x %d iterations%s)", CONFIG, ARCH,
-                 schedule.epochs, schedule.iterations_per_epoch, ", resuming" if resume else "")
+        log.info("3/5 train %s/%s on all training cases (at most %d epochs x %d iterations, cut by a %.0f s "
+                 "budget%s)", CONFIG, ARCH, schedule.epochs, schedule.iterations_per_epoch, schedule.time_budget_s,
+                 ", resuming" if resume else "")
         tc = TrainConfig(
             architecture=ARCH, epochs=schedule.epochs, iterations_per_epoch=schedule.iterations_per_epoch,
             val_iterations=schedule.val_iterations, features=list(schedule.features), lr=schedule.lr,

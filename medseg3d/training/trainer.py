@@ -200,11 +200,12 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         loss_fn = DeepSupervisionLoss(DiceCELoss())
         val_loss_fn = DiceCELoss()
-        log.info("fold %s of %s/%s: %d training, %d validation cases; patch %s, batch %d%s, %s, AMP %s, device %s",
+        log.info("fold %s of %s/%s: %d training, %d validation cases; patch %s, batch %d%s, %s, %s, %s, device %s",
                  fold, config_name, arch, len(train_cases), len(val_cases), patch, batch,
                  f" ({rank_batch}/rank x {info.world_size})" if info.enabled else "",
                  f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters",
-                 amp_dtype, device)
+                 "fp32 (no AMP)" if amp_dtype is None else f"AMP {str(amp_dtype).replace('torch.', '')}",
+                 tc.optimizer, device)
         workers = tc.num_workers if tc.num_workers is not None else _default_workers(device)
         # a resumed run gets fresh (but reproducible) data streams: seeded by epoch and rank too
         stream_seed = [tc.seed, info.rank, state.epoch]
