@@ -293,7 +293,7 @@ def test_slab_export_equals_argmax_of_the_whole_resampled_probabilities(monkeypa
     props = {"shape_after_crop": [40, 30, 25], "bbox": [[2, 42], [0, 30], [5, 30]], "original_shape": [45, 30, 33]}
     ref = np.argmax(resample_data(probs, (40, 30, 25), order=1), 0)
     monkeypatch.setattr(predictor, "_EXPORT_SLAB_VOXELS", 30 * 25 * 3)  # 3 rows per slab: 14 slabs
-    seg = predictor.probabilities_to_seg(probs, props, separate_axis=None)
+    seg = predictor.probabilities_to_seg(probs, props)
     assert seg.shape == (45, 30, 33) and seg.dtype == np.uint8
     assert (seg[:2] == 0).all() and (seg[:, :, :5] == 0).all() and (seg[:, :, 30:] == 0).all()
     assert (seg[2:42, :, 5:30] == ref).mean() > 0.9999

@@ -46,8 +46,8 @@ def register(app: typer.Typer) -> None:
         optimizer: str = typer.Option("sgd", "--optimizer",
                                       help="sgd (nnU-Net's Nesterov SGD) or adamw (converges in fewer iterations; "
                                            "use with --lr 1e-3 or so)."),
-        momentum: float = typer.Option(0.99, "--momentum", help="SGD Nesterov momentum."),
-        weight_decay: float = typer.Option(3e-5, "--weight-decay", help="SGD weight decay."),
+        momentum: float = typer.Option(0.99, "--momentum", help="SGD Nesterov momentum (not used by adamw)."),
+        weight_decay: float = typer.Option(3e-5, "--weight-decay", help="Weight decay: L2 for sgd, decoupled for adamw."),
         grad_clip: float = typer.Option(12.0, "--grad-clip", help="Gradient norm clipping."),
         oversample_fg: float = typer.Option(0.33, "--oversample-fg", help="Fraction of each batch centred on foreground."),
         augment: bool = typer.Option(True, "--augment/--no-augment", help="Data augmentation."),

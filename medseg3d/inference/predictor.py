@@ -144,17 +144,15 @@ def preprocess_releasing_input(
 _EXPORT_SLAB_VOXELS = 1 << 22
 
 
-def probabilities_to_seg(
-    probs: np.ndarray, properties: dict[str, Any], separate_axis: int | None
-) -> np.ndarray:
+def probabilities_to_seg(probs: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
     """Probabilities `(K, X', Y', Z')` (float16/32) at network spacing -> labels `(X, Y, Z)` uint8 in the original grid.
 
     Bounded memory: the cropped original grid is filled one slab of first-axis rows at a time
     (about `_EXPORT_SLAB_VOXELS` voxels); within a slab each class is resampled linearly from just
     the rows of `probs` it needs into a running max + argmax. Beyond `probs` itself, only the uint8
-    result (cropped and uncropped) is full-sized. Linear resampling is separable, so
-    `separate_axis` (kept for the signature) changes nothing: the result is the one-pass trilinear
-    resampling, as nnU-Net's export (per-axis linear) gives.
+    result (cropped and uncropped) is full-sized. Linear resampling is separable, so no axis needs
+    handling on its own (anisotropic data included): the result is the trilinear resampling that
+    per-axis linear passes give.
     """
     crop_shape = tuple(int(s) for s in properties["shape_after_crop"])
     dtype = np.uint8 if probs.shape[0] <= 256 else np.uint16
@@ -241,7 +239,7 @@ def predict_case(
         store = np.empty((plans.num_classes, *net_shape), dtype=np.float16)
         for x0, x1, slab in stream:
             store[:, x0:x1] = slab.numpy()
-        seg = probabilities_to_seg(store, props, sep)
+        seg = probabilities_to_seg(store, props)
         if return_probabilities:
             full_probs = probs_to_original(store.astype(np.float32), props, sep)
         del store
