@@ -3,12 +3,15 @@
 Tensors are `(B, C, X, Y[, Z])`; per-axis lists (kernel sizes, strides) follow the patch's axis
 order. Instance norm is affine with eps 1e-5 as in nnU-Net; it is computed as a `GroupNorm` with
 one group per channel: the same function and parameters as `InstanceNormNd(affine=True)`, and
-faster on the CPU (torch's instance norm reshapes to a batch norm of B*C channels).
+faster on the CPU (torch's instance norm reshapes to a batch norm of B*C channels). On
+channels_last_3d fp32 tensors (CPU training, see `medseg3d.training`) it runs its own kernel,
+`ChannelsLastInstanceNorm`, so that the whole network stays channels-last.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +42,54 @@ def avg_pool(dims: int, stride: Sequence[int]) -> nn.Module:
     return _AVGPOOL[dims](s, s)
 
 
+class ChannelsLastInstanceNorm(torch.autograd.Function):
+    """Affine instance norm of a channels_last_3d `(B, C, X, Y, Z)` tensor, memory format kept.
+
+    torch's group-norm kernel on channels-last memory ran 3-5x slower than on contiguous memory
+    (docs/networks.md), and converting around it costs two copies per layer. Here the statistics
+    are reduced over the spatial rows of the `(B, X*Y*Z, C)` view (vectorised along C) and the
+    output and input gradient are one fused multiply-add each: `y = x * scale + shift`,
+    `dx = dy * a + x * b + c` with per-(B, C) coefficients. fp32 in, fp32 statistics.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        b, c = x.shape[:2]
+        rows = x.permute(0, 2, 3, 4, 1).reshape(b, -1, c)  # a view on channels_last_3d memory
+        var, mean = torch.var_mean(rows, dim=1, correction=0)  # (B, C)
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd * weight
+        shift = bias - mean * scale
+        ctx.save_for_backward(x, mean, rstd, weight)
+        return torch.addcmul(shift[..., None, None, None], x, scale[..., None, None, None])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, mean, rstd, weight = ctx.saved_tensors
+        b, c = x.shape[:2]
+        n = x[0, 0].numel()
+        dy_rows = dy.permute(0, 2, 3, 4, 1).reshape(b, -1, c)
+        x_rows = x.permute(0, 2, 3, 4, 1).reshape(b, -1, c)
+        sum_dy = dy_rows.sum(1)  # (B, C)
+        sum_dy_xhat = rstd * ((dy_rows * x_rows).sum(1) - mean * sum_dy)  # sum of dy * (x - mean) * rstd
+        # dx = rstd * w * (dy - sum_dy / n - xhat * sum_dy_xhat / n), written as dy * a + x * k + m
+        a = rstd * weight
+        k = -a * rstd * sum_dy_xhat / n
+        m = -a * sum_dy / n - k * mean
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.addcmul(torch.addcmul(m[..., None, None, None], x, k[..., None, None, None]),
+                               dy, a[..., None, None, None])
+        return dx, sum_dy_xhat.sum(0), sum_dy.sum(0), None
+
+
 class InstanceNorm(nn.GroupNorm):
     """Affine instance norm over the spatial axes of `(B, C, *spatial)` (GroupNorm with C groups).
 
-    On the CPU it runs torch's group-norm kernel on contiguous memory (faster than instance norm;
-    on channels_last_3d memory the kernel ran 3-5x slower, see docs/networks.md); elsewhere it
-    runs `F.instance_norm`, nnU-Net's op, which keeps fp16 under CUDA autocast.
+    On the CPU it runs torch's group-norm kernel on contiguous memory (faster than instance norm),
+    or `ChannelsLastInstanceNorm` on channels_last_3d fp32 memory, or plain `F.group_norm` inside
+    `torch.compile` (inductor fuses it with the activation in any layout); elsewhere it runs
+    `F.instance_norm`, nnU-Net's op, which keeps fp16 under CUDA autocast.
     """
 
     def __init__(self, channels: int) -> None:
@@ -53,6 +98,11 @@ class InstanceNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":  # CUDA: nnU-Net's kernel (group_norm would run in fp32 under autocast)
             return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+        if torch.compiler.is_compiling():
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if (x.dim() == 5 and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)):
+            return ChannelsLastInstanceNorm.apply(x, self.weight, self.bias, self.eps)
         return F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
 
 
