@@ -89,6 +89,9 @@ def run_demo(out: Path, device: str = "auto", schedule: DemoSchedule | None = No
             architecture=ARCH, epochs=schedule.epochs, iterations_per_epoch=schedule.iterations_per_epoch,
             val_iterations=schedule.val_iterations, features=list(schedule.features), lr=schedule.lr,
             optimizer=schedule.optimizer,
+            # compiling costs 1-2 min of the 7-min budget on 2 cores: the short run stays eager
+            # (channels-last still applies on the CPU in fp32)
+            compile=False,
             device=device, time_budget_s=schedule.time_budget_s, resume=resume, final_validation=False,
         )
         train_fold(work, CONFIG, "all", tc)

@@ -218,3 +218,59 @@ def test_time_budget_reestimates_after_warmup_and_guards_overrun():
     run.epoch = 30
     _fit_budget(tc, run, 99.0, [20.0, 2.0, 2.0, 2.0], 100, info, torch.device("cpu"))
     assert tc.epochs == 30                     # one more 2 s epoch would overrun
+
+
+def test_cpu_fp32_defaults_channels_last_and_compile_only_for_long_3d_runs():
+    from medseg3d.training.trainer import COMPILE_MIN_ITERATIONS, use_channels_last, use_compile
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    short = TrainConfig(epochs=2, iterations_per_epoch=3)
+    long = TrainConfig(epochs=1000, iterations_per_epoch=250)
+    assert use_channels_last(short, cpu, 3, None) and not use_channels_last(short, cpu, 3, torch.bfloat16)
+    assert not use_channels_last(short, cpu, 2, None) and not use_channels_last(short, cuda, 3, None)
+    assert short.epochs * short.iterations_per_epoch < COMPILE_MIN_ITERATIONS
+    assert not use_compile(short, cpu, 3, None)
+    has_cxx = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    assert use_compile(long, cpu, 3, None) == has_cxx
+    assert not use_compile(long, cpu, 3, torch.bfloat16) and not use_compile(long, cpu, 2, None)
+    assert not use_compile(long, cuda, 3, torch.bfloat16)
+    forced = TrainConfig(epochs=1, iterations_per_epoch=1, compile=True, channels_last=False)
+    assert use_compile(forced, cpu, 2, None) and not use_channels_last(forced, cpu, 3, None)
+
+
+def test_a_failing_torch_compile_falls_back_to_eager(planned, tmp_path, monkeypatch):
+    """A compiler that fails on the first step (no C++ toolchain, an inductor bug) costs a warning, not the run."""
+
+    class Broken(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            raise RuntimeError("InductorError: C++ compile error (simulated)")
+
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: Broken(net))
+    wd = _copy(planned, tmp_path)
+    tc = TrainConfig(epochs=1, iterations_per_epoch=2, val_iterations=1, patch_size=(16, 24, 16), batch_size=2,
+                     features=[4, 8, 16, 16], amp=False, num_workers=0, final_validation=False, compile=True)
+    fd = train_fold(wd, "3d_fullres", 3, tc)
+    log = (fd / "training_log.txt").read_text()
+    assert "torch.compile failed (RuntimeError: InductorError" in log and "channels-last, torch.compile" in log
+    assert len(_rows(fd)) == 1 and float(_rows(fd)[0]["train_loss"]) > 0
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="no C++ compiler for inductor")
+def test_compiled_channels_last_training_runs_and_resumes(planned, tmp_path):
+    """The real torch.compile (inductor, CPU) on a tiny network: trains, checkpoints, resumes, predicts."""
+    wd = _copy(planned, tmp_path)
+    common = ["train", str(wd), "--fold", "0", "--iterations-per-epoch", "2", "--num-workers", "0", "--compile",
+              "--no-final-validation", *TINY]
+    assert cli([*common, "--epochs", "1"]) == 0
+    fd = wd / "results" / "3d_fullres" / "unet" / "fold_0"
+    assert cli([*common, "--epochs", "2", "--resume"]) == 0
+    log = (fd / "training_log.txt").read_text()
+    assert "channels-last, torch.compile" in log and "torch.compile failed" not in log
+    assert [r["epoch"] for r in _rows(fd)] == ["0", "1"]
+    sd = torch.load(fd / "checkpoint_final.pt", weights_only=False)["model"]
+    assert not any(k.startswith("_orig_mod") for k in sd)

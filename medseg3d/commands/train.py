@@ -55,7 +55,12 @@ def register(app: typer.Typer) -> None:
         amp: bool | None = typer.Option(None, "--amp/--no-amp",
                                         help="Mixed precision: bf16 (fp16 + GradScaler on older GPUs). "
                                              "Default: on for CUDA and on CPUs with native bf16."),
-        compile_: bool = typer.Option(False, "--compile", help="torch.compile the network."),
+        compile_: bool | None = typer.Option(None, "--compile/--no-compile",
+                                             help="torch.compile the network (needs a C++ compiler on the CPU). "
+                                                  "Default: on for fp32 CPU runs of 500+ iterations."),
+        channels_last: bool | None = typer.Option(None, "--channels-last/--no-channels-last",
+                                                  help="Channels-last memory for the network and batches. "
+                                                       "Default: on for 3D fp32 on the CPU."),
         num_workers: int | None = typer.Option(None, "--num-workers", help="Augmentation worker processes."),
         resume: bool = typer.Option(False, "--resume", help="Continue from checkpoint_latest.pt."),
         seed: int = typer.Option(12345, "--seed", help="Random seed (per rank: seed + 1000 * rank)."),
@@ -79,7 +84,8 @@ def register(app: typer.Typer) -> None:
             features=_ints(features, "--features"), lr=lr, optimizer=optimizer, momentum=momentum,
             weight_decay=weight_decay,
             grad_clip=grad_clip, oversample_fg=oversample_fg, augment=augment, device=device, amp=amp,
-            compile=compile_, num_workers=num_workers, seed=seed, resume=resume, early_stopping=early_stopping,
+            compile=compile_, channels_last=channels_last, num_workers=num_workers, seed=seed, resume=resume,
+            early_stopping=early_stopping,
             time_budget_s=time_budget, save_every=save_every, final_validation=final_validation, val_mirroring=val_tta,
         )
         out = train_fold(work_dir, config, _fold(fold), tc)

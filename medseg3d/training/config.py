@@ -37,7 +37,8 @@ class TrainConfig:
     augment: bool = True
     device: str = "auto"
     amp: bool | None = None                  # None: CUDA bf16 (or fp16 + GradScaler); CPU bf16 where native
-    compile: bool = False
+    compile: bool | None = None              # None: on for 3D fp32 CPU runs of >= 500 iterations
+    channels_last: bool | None = None        # None: on for 3D fp32 on the CPU (network and batches)
     num_workers: int | None = None           # None: min(4, cpus - 1) on CUDA, 1 on CPU
     seed: int = 12345
     resume: bool = False
