@@ -6,7 +6,9 @@ augmentation worker each, `--threads` torch threads. Each runs 2 epochs of `--it
 iterations; epoch 1 is warm-up (worker start, oneDNN kernel creation), epoch 2 is measured:
 iterations per second (data wait included), the fraction of that epoch spent waiting for a batch,
 and the peak PSS/RSS of the whole process tree (trainer + workers; sampled every 0.2 s).
-medseg3d runs twice: bf16 autocast (its default on CPUs with native bf16) and fp32 (as nnU-Net on CPU).
+medseg3d runs as: bf16 autocast (its default on CPUs with native bf16); fp32 as a real fp32 CPU run
+does by default (channels-last network and batches, torch.compile; compile time falls in the warm-up
+epoch); fp32 eager on contiguous memory (what it did before, and nnU-Net's way on the CPU).
 nnU-Net is driven from Python (design.md: `nnUNetv2_train -tr` fails here) in the bench venv.
 
     /work/venv-bench/bin/python benchmarks/bench_train.py --data /work/shared/data/Task04_Hippocampus \
@@ -102,13 +104,19 @@ def child_medseg3d(args: argparse.Namespace) -> None:
     setup_logging()
     tc = TrainConfig(epochs=2, iterations_per_epoch=args.iterations, val_iterations=1, batch_size=args.batch_size,
                      patch_size=tuple(args.patch_size), features=args.features, num_workers=1, amp=args.amp,
-                     device="cpu", final_validation=False)
+                     device="cpu", final_validation=False, compile=_tri(args.compile),
+                     channels_last=_tri(args.channels_last))
     fd = train_fold(args.work, "3d_fullres", 0, tc)
     with open(fd / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     epochs = [{"iterations_per_s": float(r["iterations_per_s"]), "data_wait_fraction": float(r["data_wait_fraction"])}
               for r in rows]
     Path(args.report).write_text(json.dumps({"epochs": epochs}))
+
+
+def _tri(v: int) -> bool | None:
+    """-1 -> None (medseg3d's default), 0/1 -> False/True."""
+    return None if v < 0 else bool(v)
 
 
 # ---------------------------------------------------------------- parent
@@ -130,7 +138,8 @@ def main() -> None:
     ap.add_argument("--task-id", type=int, default=4)
     ap.add_argument("--nnunet-base", type=Path, help="reuse nnUNet_raw/_preprocessed under this folder")
     ap.add_argument("--reps", type=int, default=1, help="repetitions in alternating order; the best of each is kept")
-    ap.add_argument("--tools", default="nnunet,medseg3d_bf16,medseg3d_fp32", help="comma-separated subset")
+    ap.add_argument("--tools", default="nnunet,medseg3d_bf16,medseg3d_fp32,medseg3d_fp32_eager",
+                    help="comma-separated subset")
     ap.add_argument("--out", type=Path, default=Path("bench_train.json"))
     ap.add_argument("--child", choices=["nnunet", "medseg3d"])
     ap.add_argument("--report")
@@ -139,6 +148,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--features", type=int, nargs="+")
     ap.add_argument("--amp", type=int, default=1)
+    ap.add_argument("--compile", type=int, default=-1)
+    ap.add_argument("--channels-last", type=int, default=-1)
     args = ap.parse_args()
     if args.child == "nnunet":
         return child_nnunet(args)
@@ -175,7 +186,10 @@ def main() -> None:
     tools = [
         ("nnunet", ["--child", "nnunet", "--task-id", str(args.task_id)]),
         ("medseg3d_bf16", ["--child", "medseg3d", "--amp", "1"]),
-        ("medseg3d_fp32", ["--child", "medseg3d", "--amp", "0"]),
+        # what `medseg3d train` does in fp32 on a CPU for a real run (>= 500 iterations): channels-last + compile
+        ("medseg3d_fp32", ["--child", "medseg3d", "--amp", "0", "--compile", "1"]),
+        # the same without compile and channels-last (the default before; short runs still skip compile)
+        ("medseg3d_fp32_eager", ["--child", "medseg3d", "--amp", "0", "--compile", "0", "--channels-last", "0"]),
     ]
     tools = [t for t in tools if t[0] in args.tools.split(",")]
     all_runs: dict[str, list[dict]] = {name: [] for name, _ in tools}
