@@ -274,3 +274,14 @@ def test_compiled_channels_last_training_runs_and_resumes(planned, tmp_path):
     assert [r["epoch"] for r in _rows(fd)] == ["0", "1"]
     sd = torch.load(fd / "checkpoint_final.pt", weights_only=False)["model"]
     assert not any(k.startswith("_orig_mod") for k in sd)
+
+
+def test_default_workers_one_on_cpu_nnunet_12_per_gpu_within_the_cores():
+    from medseg3d.training.trainer import default_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_workers(cpu, cpus=64) == 1
+    assert default_workers(cuda, cpus=64, gpus_here=1) == 12
+    assert default_workers(cuda, cpus=16, gpus_here=1) == 12
+    assert default_workers(cuda, cpus=32, gpus_here=4) == 7
+    assert default_workers(cuda, cpus=2, gpus_here=1) == 1

@@ -61,7 +61,9 @@ def register(app: typer.Typer) -> None:
         channels_last: bool | None = typer.Option(None, "--channels-last/--no-channels-last",
                                                   help="Channels-last memory for the network and batches. "
                                                        "Default: on for 3D fp32 on the CPU."),
-        num_workers: int | None = typer.Option(None, "--num-workers", help="Augmentation worker processes."),
+        num_workers: int | None = typer.Option(None, "--num-workers",
+                                               help="Augmentation worker processes per training process. Default: 1 "
+                                                    "on the CPU; on CUDA min(12, CPU cores per GPU - 1)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from checkpoint_latest.pt."),
         seed: int = typer.Option(12345, "--seed", help="Random seed (per rank: seed + 1000 * rank)."),
         early_stopping: int | None = typer.Option(None, "--early-stopping",

@@ -39,7 +39,7 @@ class TrainConfig:
     amp: bool | None = None                  # None: CUDA bf16 (or fp16 + GradScaler); CPU bf16 where native
     compile: bool | None = None              # None: on for 3D fp32 CPU runs of >= 500 iterations
     channels_last: bool | None = None        # None: on for 3D fp32 on the CPU (network and batches)
-    num_workers: int | None = None           # None: min(4, cpus - 1) on CUDA, 1 on CPU
+    num_workers: int | None = None           # None: 1 on CPU; on CUDA min(12, cpus per GPU - 1)
     seed: int = 12345
     resume: bool = False
     early_stopping: int | None = None        # epochs without a new best EMA pseudo-Dice before stopping
