@@ -13,6 +13,12 @@ nnU-Net is driven from Python (design.md: `nnUNetv2_train -tr` fails here) in th
 
     /work/venv-bench/bin/python benchmarks/bench_train.py --data /work/shared/data/Task04_Hippocampus \
         --iterations 8 --out /tmp/bench_train.json
+
+On a GPU (each tool at its defaults there; nnU-Net compiles on CUDA by default; 12 workers each;
+the report adds peak CUDA memory per trainer process):
+
+    python benchmarks/bench_train.py --device cuda --workers 12 --nnunet-compile --iterations 50 \
+        --tools nnunet,medseg3d_default,medseg3d_default_compile --reps 2
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ def child_nnunet(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    trainer = get_trainer_from_args(str(args.task_id), "3d_fullres", 0, device=torch.device("cpu"))
+    trainer = get_trainer_from_args(str(args.task_id), "3d_fullres", 0, device=torch.device(args.device))
     trainer.num_iterations_per_epoch = args.iterations
     trainer.num_val_iterations_per_epoch = 1
     trainer.num_epochs = 2
@@ -89,7 +95,8 @@ def child_nnunet(args: argparse.Namespace) -> None:
         epochs.append({"iterations_per_s": args.iterations / dt, "data_wait_fraction": wait / dt})
     trainer.on_train_end()
     Path(args.report).write_text(json.dumps({"epochs": epochs, "patch_size": list(trainer.configuration_manager.patch_size),
-                                             "batch_size": trainer.configuration_manager.batch_size}))
+                                             "batch_size": trainer.configuration_manager.batch_size,
+                                             **_cuda_peak(args.device)}))
 
 
 def child_medseg3d(args: argparse.Namespace) -> None:
@@ -103,15 +110,22 @@ def child_medseg3d(args: argparse.Namespace) -> None:
 
     setup_logging()
     tc = TrainConfig(epochs=2, iterations_per_epoch=args.iterations, val_iterations=1, batch_size=args.batch_size,
-                     patch_size=tuple(args.patch_size), features=args.features, num_workers=1, amp=args.amp,
-                     device="cpu", final_validation=False, compile=_tri(args.compile),
+                     patch_size=tuple(args.patch_size), features=args.features, num_workers=args.workers,
+                     amp=_tri(args.amp), device=args.device, final_validation=False, compile=_tri(args.compile),
                      channels_last=_tri(args.channels_last))
     fd = train_fold(args.work, "3d_fullres", 0, tc)
     with open(fd / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     epochs = [{"iterations_per_s": float(r["iterations_per_s"]), "data_wait_fraction": float(r["data_wait_fraction"])}
               for r in rows]
-    Path(args.report).write_text(json.dumps({"epochs": epochs}))
+    Path(args.report).write_text(json.dumps({"epochs": epochs, **_cuda_peak(args.device)}))
+
+
+def _cuda_peak(device: str) -> dict:
+    """Peak CUDA memory allocated by this process (bytes), where it ran on CUDA."""
+    import torch
+
+    return {"cuda_max_allocated": torch.cuda.max_memory_allocated()} if device.startswith("cuda") else {}
 
 
 def _tri(v: int) -> bool | None:
@@ -147,6 +161,11 @@ def main() -> None:
     ap.add_argument("--patch-size", type=int, nargs=3)
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--features", type=int, nargs="+")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: both tools train there")
+    ap.add_argument("--workers", type=int, default=1, help="augmentation workers of each tool (12 is nnU-Net's "
+                    "usual count on a GPU)")
+    ap.add_argument("--nnunet-compile", action="store_true",
+                    help="let nnU-Net torch.compile (its default on CUDA; it never compiles on the CPU)")
     ap.add_argument("--amp", type=int, default=1)
     ap.add_argument("--compile", type=int, default=-1)
     ap.add_argument("--channels-last", type=int, default=-1)
@@ -154,12 +173,12 @@ def main() -> None:
     if args.child == "nnunet":
         return child_nnunet(args)
     if args.child == "medseg3d":
-        args.amp = bool(args.amp)
         return child_medseg3d(args)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     base = args.nnunet_base or tmp / "nnunet"
-    env = dict(os.environ, nnUNet_n_proc_DA="1", nnUNet_compile="f", OMP_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, nnUNet_n_proc_DA=str(args.workers), nnUNet_compile="t" if args.nnunet_compile else "f",
+               OMP_NUM_THREADS=str(args.threads))
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[k] = str(base / k)
     bin_dir = Path(sys.executable).parent
@@ -182,7 +201,8 @@ def main() -> None:
     work = tmp / "medseg3d_work"
     subprocess.run([str(bin_dir / "medseg3d"), "plan", str(args.data), "-o", str(work), "--configs", "3d_fullres"],
                    env=env, check=True)
-    common = [sys.executable, str(HERE), "--iterations", str(args.iterations), "--threads", str(args.threads)]
+    common = [sys.executable, str(HERE), "--iterations", str(args.iterations), "--threads", str(args.threads),
+              "--device", args.device, "--workers", str(args.workers)]
     tools = [
         ("nnunet", ["--child", "nnunet", "--task-id", str(args.task_id)]),
         ("medseg3d_bf16", ["--child", "medseg3d", "--amp", "1"]),
@@ -190,6 +210,9 @@ def main() -> None:
         ("medseg3d_fp32", ["--child", "medseg3d", "--amp", "0", "--compile", "1"]),
         # the same without compile and channels-last (the default before; short runs still skip compile)
         ("medseg3d_fp32_eager", ["--child", "medseg3d", "--amp", "0", "--compile", "0", "--channels-last", "0"]),
+        # every setting at medseg3d's default for the device (on CUDA: bf16 or fp16 AMP, eager)
+        ("medseg3d_default", ["--child", "medseg3d", "--amp", "-1"]),
+        ("medseg3d_default_compile", ["--child", "medseg3d", "--amp", "-1", "--compile", "1"]),
     ]
     tools = [t for t in tools if t[0] in args.tools.split(",")]
     all_runs: dict[str, list[dict]] = {name: [] for name, _ in tools}
@@ -215,7 +238,9 @@ def main() -> None:
               "plan": plan, "cpu_count": os.cpu_count(), "reps": args.reps, "best_runs": runs, "all_runs": all_runs, "ratios_vs_nnunet": {
                   name: {"iterations_per_s": r["measured"]["iterations_per_s"] / nn["measured"]["iterations_per_s"],
                          "peak_tree_pss": r["peak_tree_pss"] / nn["peak_tree_pss"],
-                         "peak_tree_rss": r["peak_tree_rss"] / nn["peak_tree_rss"]}
+                         "peak_tree_rss": r["peak_tree_rss"] / nn["peak_tree_rss"],
+                         **({"cuda_max_allocated": r["cuda_max_allocated"] / nn["cuda_max_allocated"]}
+                            if "cuda_max_allocated" in nn else {})}
                   for name, r in runs.items() if name != "nnunet"}}
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result["ratios_vs_nnunet"], indent=2))

@@ -78,8 +78,9 @@ def amp_setup(device: torch.device, enabled: bool | None) -> tuple[torch.dtype |
     return torch.bfloat16, None
 
 
-# torch.compile costs 1-2 min on 2 CPU cores and then saves ~25% of every fp32 iteration at the
-# hippocampus plan (docs/benchmarks.md): worth it from a few hundred iterations on.
+# torch.compile costs 0.5-2 min on 2 CPU cores, then saves about a fifth of every fp32 iteration at
+# the hippocampus plan over channels-last eager (9.7 -> 8.0 s, docs/benchmarks.md): worth it from
+# a few hundred iterations on.
 COMPILE_MIN_ITERATIONS = 500
 
 
