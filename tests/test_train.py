@@ -221,7 +221,7 @@ def test_time_budget_reestimates_after_warmup_and_guards_overrun():
 
 
 def test_cpu_fp32_defaults_channels_last_and_compile_only_for_long_3d_runs():
-    from medseg3d.training.trainer import COMPILE_MIN_ITERATIONS, use_channels_last, use_compile
+    from medseg3d.training.runtime import COMPILE_MIN_ITERATIONS, use_channels_last, use_compile
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     short = TrainConfig(epochs=2, iterations_per_epoch=3)
@@ -277,7 +277,7 @@ def test_compiled_channels_last_training_runs_and_resumes(planned, tmp_path):
 
 
 def test_default_workers_one_on_cpu_nnunet_12_per_gpu_within_the_cores():
-    from medseg3d.training.trainer import default_workers
+    from medseg3d.training.runtime import default_workers
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert default_workers(cpu, cpus=64) == 1
@@ -285,3 +285,25 @@ def test_default_workers_one_on_cpu_nnunet_12_per_gpu_within_the_cores():
     assert default_workers(cuda, cpus=16, gpus_here=1) == 12
     assert default_workers(cuda, cpus=32, gpus_here=4) == 7
     assert default_workers(cuda, cpus=2, gpus_here=1) == 1
+
+
+def test_a_failure_after_the_first_compiled_step_is_not_hidden(planned, tmp_path, monkeypatch):
+    """Only the compiled model's first step may fall back to eager; a later error stops the run."""
+
+    class FailsLater(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.calls = net, 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("a real error on step 2")
+            return self.net(x)
+
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: FailsLater(net))
+    wd = _copy(planned, tmp_path)
+    tc = TrainConfig(epochs=1, iterations_per_epoch=3, val_iterations=1, patch_size=(16, 24, 16), batch_size=2,
+                     features=[4, 8, 16, 16], amp=False, num_workers=0, final_validation=False, compile=True)
+    with pytest.raises(RuntimeError, match="a real error on step 2"):
+        train_fold(wd, "3d_fullres", 4, tc)

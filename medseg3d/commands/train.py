@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
                                              "Default: on for CUDA and on CPUs with native bf16."),
         compile_: bool | None = typer.Option(None, "--compile/--no-compile",
                                              help="torch.compile the network (needs a C++ compiler on the CPU). "
-                                                  "Default: on for fp32 CPU runs of 500+ iterations."),
+                                                  "Default: on for 3D fp32 CPU runs of 500+ iterations."),
         channels_last: bool | None = typer.Option(None, "--channels-last/--no-channels-last",
                                                   help="Channels-last memory for the network and batches. "
                                                        "Default: on for 3D fp32 on the CPU."),

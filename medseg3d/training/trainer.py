@@ -3,7 +3,8 @@
 Recipe (design.md): SGD Nesterov (lr 0.01, momentum 0.99, wd 3e-5), poly lr (exponent 0.9),
 Dice + CE with deep supervision, gradient clipping at 12, AMP (bf16 on CPU and on CUDA where
 supported, else fp16 + GradScaler), a third of each batch on foreground, batched augmentation in
-persistent worker processes. Every epoch: validation pseudo-Dice on patches, its EMA picks
+persistent worker processes (device, precision, memory format, compilation and worker count are
+chosen in `medseg3d.training.runtime`). Every epoch: validation pseudo-Dice on patches, its EMA picks
 `checkpoint_best.pt`, `checkpoint_latest.pt` + metrics.csv + progress.png are rewritten atomically.
 """
 
@@ -12,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,6 +39,13 @@ from medseg3d.training.distributed import (
     init_distributed,
 )
 from medseg3d.training.logger import write_epoch_artifacts
+from medseg3d.training.runtime import (
+    amp_setup,
+    default_workers,
+    resolve_device,
+    use_channels_last,
+    use_compile,
+)
 from medseg3d.training.validation import confusion_counts, dice_from_counts, final_validation
 
 log = logging.getLogger(__name__)
@@ -48,75 +54,6 @@ log = logging.getLogger(__name__)
 def fold_dir_of(work_dir: str | Path, config_name: str, arch: str, fold: int | str) -> Path:
     """`WORK_DIR/results/<CONFIG>/<ARCH>/fold_<K>/` (K an int or `all`)."""
     return Path(work_dir) / "results" / config_name / arch / f"fold_{fold}"
-
-
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    """auto -> CUDA when available else CPU; under DDP on CUDA the rank's LOCAL_RANK GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
-        return torch.device("cuda", info.local_rank) if info.enabled else torch.device(name)
-    return torch.device("cpu")
-
-
-def amp_setup(device: torch.device, enabled: bool | None) -> tuple[torch.dtype | None, Any]:
-    """(autocast dtype or None, GradScaler or None): bf16 where supported, fp16 + scaler on older GPUs.
-
-    `enabled=None` means on for CUDA, and on the CPU where oneDNN has native bf16 (AVX512-bf16/AMX):
-    there bf16 autocast trained 2.2x faster than fp32 (docs/benchmarks.md); fp32 on other CPUs.
-    """
-    if enabled is None:
-        enabled = device.type == "cuda" or _cpu_has_bf16()
-    if not enabled:
-        return None, None
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, None
-        return torch.float16, torch.amp.GradScaler("cuda")
-    return torch.bfloat16, None
-
-
-# torch.compile costs 0.5-2 min on 2 CPU cores, then saves about a fifth of every fp32 iteration at
-# the hippocampus plan over channels-last eager (9.7 -> 8.0 s, docs/benchmarks.md): worth it from
-# a few hundred iterations on.
-COMPILE_MIN_ITERATIONS = 500
-
-
-def use_channels_last(tc: TrainConfig, device: torch.device, dims: int, amp_dtype: torch.dtype | None) -> bool:
-    """`tc.channels_last`, or by default: 3D, fp32, CPU.
-
-    oneDNN's channels-last (ndhwc) convolutions on an AVX2 CPU ran the plan's 32->32 3x3x3 conv
-    forward + backward 1.6x faster than on contiguous memory (which it reorders to blocked and
-    back on every call). Not the default under AMP or on CUDA, where it is not measured.
-    """
-    if tc.channels_last is not None:
-        return bool(tc.channels_last)
-    return device.type == "cpu" and dims == 3 and amp_dtype is None
-
-
-def use_compile(tc: TrainConfig, device: torch.device, dims: int, amp_dtype: torch.dtype | None) -> bool:
-    """`tc.compile`, or by default: 3D fp32 on the CPU, a C++ compiler present, a run long enough to repay it.
-
-    (nnU-Net does not compile on the CPU at all: it reports crashes with 2D models, hence 3D only.)
-    """
-    if tc.compile is not None:
-        return bool(tc.compile)
-    return (device.type == "cpu" and dims == 3 and amp_dtype is None
-            and tc.epochs * tc.iterations_per_epoch >= COMPILE_MIN_ITERATIONS and _cpp_compiler_available())
-
-
-def _cpp_compiler_available() -> bool:
-    """Inductor's CPU backend builds C++ kernels: $CXX, g++ or clang++ must exist."""
-    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def make_optimizer(net: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -149,20 +86,6 @@ def _train_cases(work_dir: Path, data_identifier: str) -> list[str]:
 def _augment_params(dims: int, mirror_axes: tuple[int, ...]) -> AugmentParams:
     # 2d: in-plane rotation over the full circle (nnU-Net's 2D range); 3d: +-30 degrees per axis
     return AugmentParams(rotation_deg=180.0 if dims == 2 else 30.0, mirror_axes=tuple(mirror_axes))
-
-
-def default_workers(device: torch.device, cpus: int | None = None, gpus_here: int | None = None) -> int:
-    """Augmentation workers per training process: 1 on the CPU (the trainer needs the cores);
-    on CUDA nnU-Net's 12 per GPU, within this machine's cores shared by its GPUs' processes.
-
-    One worker builds a batch of the hippocampus plan in 0.19 s of CPU (benchmarks/bench_loader.py),
-    so a GPU step shorter than 0.19 s / workers waits for data: 16 ms with 12 workers, 47 ms with 4.
-    """
-    if device.type != "cuda":
-        return 1
-    cpus = cpus or os.cpu_count() or 1
-    gpus_here = gpus_here or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(12, cpus // max(1, gpus_here) - 1))
 
 
 def train_fold(work_dir: str | Path, config_name: str, fold: int | str,
@@ -271,7 +194,7 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
             val_iter = iter(make_loader(val_spec, 0))
             ctx = dict(model=model, net=net, opt=opt, scaler=scaler, amp_dtype=amp_dtype, device=device,
                        loss_fn=loss_fn, val_loss_fn=val_loss_fn, num_classes=num_classes, info=info, meta=meta,
-                       channels_last=channels_last, compiled=compiled)
+                       channels_last=channels_last, compiled=compiled, compile_proven=False)
             _epochs(state, tc, fold_dir, train_iter, val_iter, plans, ctx)
         if info.is_main:
             st.save(fold_dir / "checkpoint_final.pt", net, None, None, state, meta)
@@ -402,13 +325,14 @@ def _train_epoch(tc: TrainConfig, it: Any, ctx: dict[str, Any], bar: Progress, t
             loss = _train_step(tc, ctx, image, label)
         except MedsegError:
             raise
-        except Exception as e:  # a compiler failure (no C++ toolchain, inductor bug): go eager
-            if not ctx["compiled"] or ctx["info"].enabled:
+        except Exception as e:  # the compiled model's first step failed (no C++ toolchain, inductor bug): go eager
+            if not ctx["compiled"] or ctx["compile_proven"] or ctx["info"].enabled:
                 raise
             log.warning("torch.compile failed (%s: %s); training continues without it (--no-compile skips it)",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             ctx["model"], ctx["compiled"] = ctx["net"], False
             loss = _train_step(tc, ctx, image, label)
+        ctx["compile_proven"] = ctx["compiled"]  # later failures are real errors, not the compiler's
         total += loss.detach()
         bar.update(task, advance=1, loss=float(loss.detach()))
     mean = all_reduce_mean(total / tc.iterations_per_epoch, ctx["info"])

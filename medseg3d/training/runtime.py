@@ -1,0 +1,102 @@
+"""How a training run executes on this machine: device, precision, memory format, compilation, workers.
+
+Each choice is the user's where given (`TrainConfig`), else a default measured on the hardware it
+applies to (docs/benchmarks.md): bf16 AMP on CUDA and on CPUs with native bf16; on other CPUs fp32
+with channels-last memory and, for long 3D runs, `torch.compile`; augmentation workers per device.
+The training loop (`medseg3d.training.trainer`) only asks these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from medseg3d.errors import ConfigError
+from medseg3d.training.config import TrainConfig
+from medseg3d.training.distributed import DistInfo
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    """auto -> CUDA when available else CPU; under DDP on CUDA the rank's LOCAL_RANK GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+        return torch.device("cuda", info.local_rank) if info.enabled else torch.device(name)
+    return torch.device("cpu")
+
+
+def amp_setup(device: torch.device, enabled: bool | None) -> tuple[torch.dtype | None, Any]:
+    """(autocast dtype or None, GradScaler or None): bf16 where supported, fp16 + scaler on older GPUs.
+
+    `enabled=None` means on for CUDA, and on the CPU where oneDNN has native bf16 (AVX512-bf16/AMX):
+    there bf16 autocast trained 2.2x faster than fp32 (docs/benchmarks.md); fp32 on other CPUs.
+    """
+    if enabled is None:
+        enabled = device.type == "cuda" or _cpu_has_bf16()
+    if not enabled:
+        return None, None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, None
+        return torch.float16, torch.amp.GradScaler("cuda")
+    return torch.bfloat16, None
+
+
+# torch.compile costs 0.5-2 min on 2 CPU cores, then saves about a fifth of every fp32 iteration at
+# the hippocampus plan over channels-last eager (9.7 -> 8.0 s, docs/benchmarks.md): worth it from
+# a few hundred iterations on.
+COMPILE_MIN_ITERATIONS = 500
+
+
+def use_channels_last(tc: TrainConfig, device: torch.device, dims: int, amp_dtype: torch.dtype | None) -> bool:
+    """`tc.channels_last`, or by default: 3D, fp32, CPU.
+
+    oneDNN's channels-last (ndhwc) convolutions on an AVX2 CPU ran the plan's 32->32 3x3x3 conv
+    forward + backward 1.6x faster than on contiguous memory (which it reorders to blocked and
+    back on every call). Not the default under AMP or on CUDA, where it is not measured.
+    """
+    if tc.channels_last is not None:
+        return bool(tc.channels_last)
+    return device.type == "cpu" and dims == 3 and amp_dtype is None
+
+
+def use_compile(tc: TrainConfig, device: torch.device, dims: int, amp_dtype: torch.dtype | None) -> bool:
+    """`tc.compile`, or by default: 3D fp32 on the CPU, a C++ compiler present, a run long enough to repay it.
+
+    (nnU-Net does not compile on the CPU at all: it reports crashes with 2D models, hence 3D only.)
+    """
+    if tc.compile is not None:
+        return bool(tc.compile)
+    return (device.type == "cpu" and dims == 3 and amp_dtype is None
+            and tc.epochs * tc.iterations_per_epoch >= COMPILE_MIN_ITERATIONS and _cpp_compiler_available())
+
+
+def _cpp_compiler_available() -> bool:
+    """Inductor's CPU backend builds C++ kernels: $CXX, g++ or clang++ must exist."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def default_workers(device: torch.device, cpus: int | None = None, gpus_here: int | None = None) -> int:
+    """Augmentation workers per training process: 1 on the CPU (the trainer needs the cores);
+    on CUDA nnU-Net's 12 per GPU, within this machine's cores shared by its GPUs' processes.
+
+    One worker builds a batch of the hippocampus plan in 0.19 s of CPU (benchmarks/bench_loader.py),
+    so a GPU step shorter than 0.19 s / workers waits for data: 16 ms with 12 workers, 47 ms with 4.
+    """
+    if device.type != "cuda":
+        return 1
+    cpus = cpus or os.cpu_count() or 1
+    gpus_here = gpus_here or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(12, cpus // max(1, gpus_here) - 1))
