@@ -74,7 +74,8 @@ def register(app: typer.Typer) -> None:
         if model is not None:
             if pred_dir is not None or ref_dir is not None:
                 raise InputError("give either PRED_DIR REF_DIR or --model WORK_DIR, not both")
-            from medseg3d.evaluation.crossval import SUMMARY_FILE, evaluate_crossval, model_dir_of
+            from medseg3d.evaluation.crossval import SUMMARY_FILE, evaluate_crossval
+            from medseg3d.paths import model_dir_of
 
             summary, decision = evaluate_crossval(model, config, arch, workers=n_workers)
             if json_out is not None:

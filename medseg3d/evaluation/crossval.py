@@ -29,6 +29,7 @@ from medseg3d.evaluation.evaluate import (
 )
 from medseg3d.evaluation.metrics import case_metrics
 from medseg3d.io import load_dataset, write_json_atomic
+from medseg3d.paths import model_dir_of
 from medseg3d.plans.schema import Plans
 from medseg3d.postprocess import POSTPROCESSING_FILE
 
@@ -36,11 +37,6 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "crossval_summary.json"
 _FOLD_RE = re.compile(r"^fold_(\d+)$")
-
-
-def model_dir_of(work_dir: str | Path, config: str, arch: str) -> Path:
-    """`WORK_DIR/results/<CONFIG>/<ARCH>`."""
-    return Path(work_dir) / "results" / config / arch
 
 
 def gather_fold_predictions(model_dir: Path) -> tuple[dict[str, Path], dict[int, list[str]]]:

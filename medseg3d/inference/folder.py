@@ -12,6 +12,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -23,6 +24,7 @@ from medseg3d.inference.export import output_path, write_probabilities, write_se
 from medseg3d.inference.predictor import predict_case, resolve_device
 from medseg3d.io.volume import Volume
 from medseg3d.logging_utils import console
+from medseg3d.paths import model_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,6 @@ class PredictSummary:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def model_dir(work_dir: Path, config: str, arch: str) -> Path:
-    """`WORK_DIR/results/<CONFIG>/<ARCH>`."""
-    return Path(work_dir) / "results" / config / arch
-
-
 def available_folds(mdir: Path, checkpoint: str) -> list[int | str]:
     """Folds under `mdir` holding `checkpoint_<checkpoint>.pt`: numbers sorted, then `"all"` (fold_all)."""
     folds: list[int | str] = []
@@ -59,7 +56,7 @@ def available_folds(mdir: Path, checkpoint: str) -> list[int | str]:
 
 
 def load_fold_models(
-    work_dir: Path, config: str, arch: str, folds: list[int | str] | None, checkpoint: str, plan_hash: str
+    work_dir: Path, config: str, arch: str, folds: list[int | str] | None, checkpoint: str, plan_identity: dict[str, Any]
 ) -> list[nn.Module]:
     """One eval-mode network per fold; `folds=None` takes every numbered fold with that checkpoint
     (or `fold_all` when there is no numbered one); `"all"` names `fold_all`.
@@ -68,7 +65,7 @@ def load_fold_models(
     """
     if checkpoint not in CHECKPOINT_KINDS:
         raise InputError(f"--checkpoint {checkpoint!r} is not one of {', '.join(CHECKPOINT_KINDS)}")
-    mdir = model_dir(work_dir, config, arch)
+    mdir = model_dir_of(work_dir, config, arch)
     have = available_folds(mdir, checkpoint)
     if folds is None:
         if not have:
@@ -85,7 +82,7 @@ def load_fold_models(
             f"folds with one: {listed}. Pass --folds with those, or train the missing folds")
     models = []
     for f in folds:
-        ckpt = load_checkpoint(mdir / f"fold_{f}" / f"checkpoint_{checkpoint}.pt", expected_plan_hash=plan_hash)
+        ckpt = load_checkpoint(mdir / f"fold_{f}" / f"checkpoint_{checkpoint}.pt", expected_plan=plan_identity)
         if ckpt.get("configuration") not in (None, config):
             raise CheckpointError(f"{mdir}/fold_{f} holds a checkpoint of configuration {ckpt['configuration']!r}, "
                                   f"not {config!r}; move it to results/{ckpt['configuration']}/")
@@ -139,9 +136,9 @@ def predict_folder(
     arch = arch or cfg.architecture
     dev = resolve_device(device)
     if models is None and folds is not None:  # a mistyped fold is reported before any work
-        have = available_folds(model_dir(work_dir, config, arch), checkpoint)
+        have = available_folds(model_dir_of(work_dir, config, arch), checkpoint)
         if any(f not in have for f in folds):
-            load_fold_models(work_dir, config, arch, folds, checkpoint, plans.hash)  # raises, listing folds
+            load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config))  # raises, listing folds
     cases = split_part(find_input_cases(input_path, plans.num_channels), num_parts, part_id)
     summary = PredictSummary()
     todo = []
@@ -158,9 +155,9 @@ def predict_folder(
     if not todo:
         return summary
     if models is None:
-        models = load_fold_models(work_dir, config, arch, folds, checkpoint, plans.hash)
+        models = load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config))
     models = [m.to(dev).eval() for m in models]
-    postprocessing = _load_postprocessing(model_dir(work_dir, config, arch))
+    postprocessing = _load_postprocessing(model_dir_of(work_dir, config, arch))
     output_dir.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:

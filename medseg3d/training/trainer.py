@@ -27,6 +27,7 @@ from medseg3d.data.loader import StreamSpec, make_loader, next_batch
 from medseg3d.data.splits import fold_cases, load_or_create_splits
 from medseg3d.errors import ConfigError, MedsegError, OutputExistsError, PlanError
 from medseg3d.logging_utils import add_file_log, console
+from medseg3d.paths import fold_dir_of
 from medseg3d.training import state as st
 from medseg3d.training.config import TrainConfig
 from medseg3d.training.distributed import (
@@ -49,11 +50,6 @@ from medseg3d.training.runtime import (
 from medseg3d.training.validation import confusion_counts, dice_from_counts, final_validation
 
 log = logging.getLogger(__name__)
-
-
-def fold_dir_of(work_dir: str | Path, config_name: str, arch: str, fold: int | str) -> Path:
-    """`WORK_DIR/results/<CONFIG>/<ARCH>/fold_<K>/` (K an int or `all`)."""
-    return Path(work_dir) / "results" / config_name / arch / f"fold_{fold}"
 
 
 def make_optimizer(net: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -153,13 +149,14 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         if channels_last:
             net = net.to(memory_format=torch.channels_last_3d if cfg.dims == 3 else torch.channels_last)
         opt = make_optimizer(net, tc)
-        meta = {"plan_hash": plans.hash, "configuration": config_name, "architecture": arch,
+        meta = {"plan_hash": plans.network_hash(config_name), "plan_identity": plans.network_identity(config_name),
+                "configuration": config_name, "architecture": arch,
                 "network_kwargs": kwargs, "in_channels": plans.num_channels, "num_classes": num_classes,
                 "fold": str(fold), "patch_size": list(patch), "train_config": tc.to_dict()}
         state = st.RunState()
         if tc.resume:
             if latest.exists():
-                state = st.resume(latest, net, opt, scaler, plans.hash, device)
+                state = st.resume(latest, net, opt, scaler, plans.network_identity(config_name), device)
             else:
                 log.warning("--resume: no %s yet, starting this fold from epoch 0", latest)
         model: torch.nn.Module = net
