@@ -149,14 +149,13 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         if channels_last:
             net = net.to(memory_format=torch.channels_last_3d if cfg.dims == 3 else torch.channels_last)
         opt = make_optimizer(net, tc)
-        meta = {"plan_hash": plans.network_hash(config_name), "plan_identity": plans.network_identity(config_name),
-                "configuration": config_name, "architecture": arch,
+        meta = {"plan_hash": plans.hash, "configuration": config_name, "architecture": arch,
                 "network_kwargs": kwargs, "in_channels": plans.num_channels, "num_classes": num_classes,
                 "fold": str(fold), "patch_size": list(patch), "train_config": tc.to_dict()}
         state = st.RunState()
         if tc.resume:
             if latest.exists():
-                state = st.resume(latest, net, opt, scaler, plans.network_identity(config_name), device)
+                state = st.resume(latest, net, opt, scaler, plans.hash, device)
             else:
                 log.warning("--resume: no %s yet, starting this fold from epoch 0", latest)
         model: torch.nn.Module = net
