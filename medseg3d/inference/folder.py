@@ -20,7 +20,7 @@ from torch import nn
 
 from medseg3d.errors import CheckpointError, InputError, MedsegError
 from medseg3d.inference.checkpoint import build_model_from_checkpoint, load_checkpoint
-from medseg3d.inference.export import output_path, write_probabilities, write_segmentation
+from medseg3d.inference.writer import output_path, write_probabilities, write_segmentation
 from medseg3d.inference.predictor import predict_case, resolve_device
 from medseg3d.io.volume import Volume
 from medseg3d.logging_utils import console

@@ -58,7 +58,7 @@ def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: st
     Returns the summary path, or None (with a warning) when the dataset folder recorded in
     plans.json is gone (the trained checkpoints stay valid).
     """
-    from medseg3d.inference.export import write_segmentation
+    from medseg3d.inference.writer import write_segmentation
     from medseg3d.inference.predictor import predict_case
     from medseg3d.io import load_dataset, read_label, read_volume
 
