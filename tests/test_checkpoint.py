@@ -110,3 +110,57 @@ def test_failed_save_leaves_the_old_checkpoint(tmp_path):
         save_checkpoint(p, {**payload(1), "bad": lambda: None})  # a lambda cannot be pickled
     assert p.read_bytes() == before
     assert sorted(f.name for f in tmp_path.iterdir()) == ["c.pt"]
+
+
+class _WritesAFile:
+    """Unpickling this runs `exec`, which writes `target`: what a malicious checkpoint would do."""
+
+    def __init__(self, target) -> None:
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.target!r}, 'w').write('pwned')",))
+
+
+@pytest.mark.parametrize("how", ["zip", "legacy", "nested"])
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, how):
+    target = tmp_path / "pwned.txt"
+    p = tmp_path / "checkpoint_final.pt"
+    evil = _WritesAFile(target)
+    bad = {**payload(), "format_version": FORMAT_VERSION}
+    if how == "nested":
+        bad["train_config"] = {"extra": {"hook": [evil]}}
+    else:
+        bad["evil"] = evil
+    torch.save(bad, p, _use_new_zipfile_serialization=how != "legacy")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(p)
+    assert not target.exists()
+    msg = str(err.value)
+    assert str(p) in msg and "holds exec" in msg and "weights_only=True" in msg and "cannot run code" in msg
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_raw_pickle_that_would_run_code_is_refused(tmp_path):
+    target = tmp_path / "pwned.txt"
+    p = tmp_path / "checkpoint_final.pt"
+    p.write_bytes(pickle.dumps(_WritesAFile(target)))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(p)
+    assert not target.exists()
+
+
+def test_a_checkpoint_with_a_legacy_numpy_rng_state_still_loads(tmp_path):
+    """Checkpoints written before the numpy random state was stored as a list hold a uint32 ndarray."""
+    import numpy as np
+
+    if not hasattr(torch.serialization, "safe_globals"):
+        pytest.skip("torch < 2.5 has no safe_globals: such a checkpoint is refused there")
+    p = tmp_path / "checkpoint_latest.pt"
+    torch.save({**payload(), "format_version": FORMAT_VERSION, "rng": {"numpy": np.random.get_state()}}, p)
+    state = load_checkpoint(p)["rng"]["numpy"]
+    assert state[0] == "MT19937" and np.array_equal(state[1], np.random.get_state()[1])
+    p2 = tmp_path / "objects.pt"
+    torch.save({**payload(), "format_version": FORMAT_VERSION, "x": np.array([object()], dtype=object)}, p2)
+    with pytest.raises(CheckpointError, match="holds numpy.dtypes.ObjectDType, which is neither a tensor"):
+        load_checkpoint(p2)

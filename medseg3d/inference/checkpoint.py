@@ -3,16 +3,24 @@
 Checkpoint dict (docs/architecture.md): `format_version`, `plan_hash`, `configuration`,
 `architecture`, `network_kwargs` (dims, strides, kernel_sizes, features), `in_channels`,
 `num_classes`, `model` (state_dict), and for resuming `optimizer`, `scaler`, `epoch`, `rng`, `log`.
+
+Loading never runs code from the file: `torch.load(..., weights_only=True)` accepts tensors and
+plain data (dict, list, tuple, str, int, float, bool, None) only, which is all a medseg3d
+checkpoint holds (the numpy random state is stored as a list, see `training.state.rng_states`).
+A file that needs any other class or function is refused with a CheckpointError (docs/training.md).
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
+import re
 import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +36,30 @@ REQUIRED_KEYS = ("format_version", "plan_hash", "architecture", "network_kwargs"
 
 _FIX_CORRUPT = ("resume from another checkpoint (`medseg3d train ... --resume` picks checkpoint_latest.pt; "
                 "copy checkpoint_best.pt over it if that one is intact) or retrain this fold")
+
+
+def _legacy_numpy_rng_globals() -> list[Any]:
+    """What the numpy random state of a checkpoint written before format 1 stored it as a list needs.
+
+    Exactly the reconstruction of a uint32 `ndarray` (no object arrays, no other class), allowed
+    only where torch has `safe_globals` (2.5+); elsewhere such a checkpoint is refused.
+    """
+    core = getattr(np, "_core", None) or np.core  # numpy 2.x / 1.x
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _allowed_globals() -> Any:
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    return safe_globals(_legacy_numpy_rng_globals()) if safe_globals is not None else nullcontext()
+
+
+def _refused_global(exc: BaseException) -> str | None:
+    """The global a `weights_only` load refused (e.g. `builtins.exec`), or None for another failure."""
+    text = str(exc)
+    m = re.search(r"GLOBAL ([\w.]+) was not an allowed global|Can only build .* but got <class '([\w.]+)'>"
+                  r"|reduce for unrecognized function ([\w.]+)", text)
+    # other WeightsUnpickler errors ("Unsupported operand", truncated data): a corrupt file
+    return next(g for g in m.groups() if g) if m else None
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
@@ -54,7 +86,18 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path} does not exist; train this fold first (`medseg3d train`) "
                               "or pick another with --checkpoint/--folds")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        with _allowed_globals():
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = _refused_global(exc)
+        if refused is not None:
+            raise CheckpointError(
+                f"checkpoint {path} holds {refused}, which is neither a tensor nor plain data: medseg3d loads "
+                "checkpoints with torch.load(weights_only=True) so that a file from elsewhere cannot run code, and "
+                "refuses this one. It was not written by medseg3d (or was altered); use a checkpoint written by "
+                "`medseg3d train`, or retrain this fold") from exc
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                              f"{_FIX_CORRUPT}") from exc
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
             AttributeError, ImportError, IndexError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc}); "

@@ -31,8 +31,14 @@ class RunState:
 
 
 def rng_states() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and every CUDA device) random states."""
-    out: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Python, numpy and torch (CPU and every CUDA device) random states, as tensors and plain data.
+
+    numpy's `(name, uint32 keys (624,), pos, has_gauss, cached_gaussian)` is stored with the keys
+    as a list of ints, so `load_checkpoint` needs no numpy class to read it (weights_only).
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    out: dict[str, Any] = {"python": random.getstate(),
+                           "numpy": [str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
                            "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.get_rng_state_all()
@@ -40,8 +46,10 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` returned (numpy's keys as a list, or an ndarray in older checkpoints)."""
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -77,13 +85,13 @@ def save(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer | None, sc
     save_checkpoint(path, make_payload(net, optimizer, scaler, state, meta))
 
 
-def resume(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, plan_hash: str,
+def resume(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, plan_identity: dict[str, Any],
            device: torch.device) -> RunState:
     """Restore weights, optimiser, scaler, random states and run state from `path`.
 
     CheckpointError (from `load_checkpoint`) when the file is truncated/corrupt or of another plan.
     """
-    ckpt = load_checkpoint(path, expected_plan_hash=plan_hash, map_location=device)
+    ckpt = load_checkpoint(path, expected_plan=plan_identity, map_location=device)
     net.load_state_dict(ckpt["model"])
     saved_opt = (ckpt.get("train_config") or {}).get("optimizer", "sgd")
     wanted = "adamw" if isinstance(optimizer, torch.optim.AdamW) else "sgd"
