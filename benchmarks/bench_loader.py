@@ -35,11 +35,12 @@ def main() -> None:
     from medseg3d.data.augment import augment_batch
     from medseg3d.data.loader import BatchStream, StreamSpec, enlarged_patch
     from medseg3d.plans import Plans
-    from medseg3d.training.trainer import _augment_params, _train_cases
+    from medseg3d.data.augment import augment_params_for
+    from medseg3d.training.trainer import _train_cases
 
     plans = Plans.load(args.work / "plans.json")
     cfg = plans.configuration(args.config)
-    params = _augment_params(cfg.dims, cfg.mirror_axes)
+    params = augment_params_for(cfg.patch_size, cfg.mirror_axes)
     batch = args.batch_size or cfg.batch_size
     spec = StreamSpec(args.work, cfg.data_identifier, _train_cases(args.work, cfg.data_identifier),
                       tuple(cfg.patch_size), batch, cfg.slice_axis, 0.33, params, seed=0)

@@ -1,16 +1,25 @@
-"""medseg3d predict vs nnU-Net v2's predictor, side by side in one run: seconds per case and peak RSS.
+"""medseg3d predict vs nnU-Net v2's predictor: seconds per case and peak RSS, alternating repetitions.
 
-    /work/venv-bench/bin/python benchmarks/bench_predict.py --cases 8 --out /tmp/bench_predict.json
-    /work/venv-bench/bin/python benchmarks/bench_predict.py --parts "" --trained WORK_DIR   # bf16 vs fp32 Dice
+    python benchmarks/bench_predict.py --cases 8 --reps 5 --out /tmp/bench_predict.json
+    python benchmarks/bench_predict.py --parts large --large-reps 2 --out /tmp/bench_large.json
+    python benchmarks/bench_predict.py --parts "" --trained WORK_DIR   # bf16 vs fp32 Dice
 
-Both tools run in the same Python (the bench venv holds nnunetv2 and medseg3d installed editable, so
-one torch version), each in a fresh child process with the same thread count; peak RSS is the child's
-`ru_maxrss`. Both networks are randomly initialised with the same topology (medseg3d's 3d_fullres
-plan of the hippocampus: patch 40x56x40, features 32-64-128-256, 3x3x3 kernels), same step and TTA:
-speed does not depend on the weights. Parts:
-  hippocampus: the first N images of Task04_Hippocampus/imagesTs (or the shipped imagesTs).
+Both tools run in the same Python (an environment with nnunetv2 and medseg3d: `pip install -e
+".[bench]" torch==2.13.0`, so one torch version), each in a fresh child process with the same thread
+count, one child at a time (never two at once); peak RSS is the child's `ru_maxrss`. Every repetition
+runs each tool once, the order alternating between repetitions (`benchmarks/_fair.py`), and the report
+gives each tool's own seconds per repetition and the medians; ratios are nnU-Net / medseg3d of the
+medians (> 1: medseg3d better), with the per-repetition ratios beside them. Speed and memory ratios
+are quoted like with like: medseg3d fp32 against nnU-Net (which predicts in fp32 on a CPU); medseg3d
+bf16 (run only where the CPU has native bf16, or with `--precisions fp32,bf16`) is a different
+precision and is listed as such, never as the headline ratio. Both networks are randomly
+initialised with the same topology (medseg3d's 3d_fullres plan of the hippocampus: patch 40x56x40,
+features 32-64-128-256, 3x3x3 kernels), same step and TTA: speed does not depend on the weights. The
+load average before and after each child is recorded. Parts:
+  hippocampus: the first N images of Task04_Hippocampus/imagesTs (or the shipped imagesTs), with and
+         without mirror TTA.
   large: a synthetic 512x512x400 volume at 0.8x0.8x1.0 mm, 4 classes, plan spacing 1 mm, a small
-         network with a 128^3 patch, step 1.0 and no TTA, medseg3d at `--precision auto` (it is about
+         network with a 128^3 patch, step 1.0 and no TTA, medseg3d in fp32 like nnU-Net (it is about
          memory, not speed).
 """
 
@@ -25,6 +34,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fair import alternating, load_average, median
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "medseg3d" / "resources" / "hippocampus_mini"
@@ -86,14 +98,17 @@ def run_child(kind: str, spec: dict, tag: str, workdir: Path) -> dict:
     res_path = workdir / f"res_{tag}.json"
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, __file__, "--child", kind, "--spec", str(spec_path), "--result", str(res_path)]
+    load = load_average()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(workdir / f"log_{tag}.txt", "w"))
-    _, status, usage = os.wait4(proc.pid, 0)
+    with open(workdir / f"log_{tag}.txt", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if status != 0:
         raise SystemExit(f"{tag} failed; see {workdir / f'log_{tag}.txt'}")
     out = json.loads(res_path.read_text())
-    out.update({"peak_rss_mb": usage.ru_maxrss / 1024, "process_wall_s": wall})
+    out.update({"peak_rss_mb": usage.ru_maxrss / 1024, "process_wall_s": wall, "load_before": load,
+                "load_after": load_average()})
     return out
 
 
@@ -148,7 +163,7 @@ def save_random_medseg_fold(wd: Path, seed: int = 0) -> int:
     net = build_network(cfg.architecture, in_channels=plans.num_channels, num_classes=plans.num_classes,
                         **cfg.network_kwargs())
     save_checkpoint(wd / "results" / "3d_fullres" / cfg.architecture / "fold_0" / "checkpoint_final.pt", {
-        "plan_hash": plans.hash, "configuration": "3d_fullres", "architecture": cfg.architecture,
+        "plan_hash": plans.network_hash("3d_fullres"), "configuration": "3d_fullres", "architecture": cfg.architecture,
         "network_kwargs": cfg.network_kwargs(), "in_channels": plans.num_channels,
         "num_classes": plans.num_classes, "model": net.state_dict()})
     return sum(p.numel() for p in net.parameters())
@@ -259,6 +274,62 @@ def trained_precision_check(work_dir: Path, bench: Path, threads: int) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------- repetitions
+def compare(tools: list[tuple[str, str, dict]], reps: int, workdir: Path, prefix: str) -> dict:
+    """Run every tool once per repetition, one at a time, the order alternating; medians and each run.
+
+    `tools`: (name, child kind, spec). Returns per tool the runs and the medians of seconds per case,
+    total seconds and peak RSS; "ratios" compares every medseg3d tool with nnU-Net (median and per rep).
+    """
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in tools}
+    for rep in range(reps):
+        for pos, (name, kind, spec) in enumerate(alternating(tools, rep)):
+            res = run_child(kind, spec, f"{prefix}_{name}", workdir)
+            res.update({"rep": rep, "position_in_rep": pos, "s_per_case": res["total_s"] / max(res["cases"], 1)})
+            runs[name].append(res)
+            print(f"{prefix} rep {rep} {name}: {res['s_per_case']:.2f} s/case, peak RSS {res['peak_rss_mb']:.0f} MB, "
+                  f"load {res['load_before']:.2f} -> {res['load_after']:.2f}", file=sys.stderr, flush=True)
+    out: dict = {}
+    for name, rs in runs.items():
+        out[name] = {"precision": tools[[t[0] for t in tools].index(name)][2].get("precision", "fp32"),
+                     "median_s_per_case": median([r["s_per_case"] for r in rs]),
+                     "median_total_s": median([r["total_s"] for r in rs]),
+                     "median_peak_rss_mb": median([r["peak_rss_mb"] for r in rs]), "runs": rs}
+    nn = out["nnunet"]
+    out["ratios"] = {}
+    for name, rs in runs.items():
+        if name == "nnunet":
+            continue
+        ms = out[name]
+        out["ratios"][name] = {
+            "like_for_like": ms["precision"] == "fp32",
+            "speed_median": nn["median_s_per_case"] / ms["median_s_per_case"],
+            "speed_per_rep": [a["s_per_case"] / b["s_per_case"] for a, b in zip(runs["nnunet"], rs)],
+            "peak_rss_median": nn["median_peak_rss_mb"] / ms["median_peak_rss_mb"],
+            "peak_rss_per_rep": [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in zip(runs["nnunet"], rs)]}
+    return out
+
+
+def table(title: str, res: dict) -> str:
+    """Markdown rows: each tool's own median seconds and RSS, the ratio to nnU-Net and its range over reps."""
+    head = ("| tool | precision | s/case median (each rep) | peak RSS MB median | nnU-Net / this: speed (reps min-max) "
+            "| memory (reps min-max) |")
+    lines = [f"\n{title}", head, "|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        if name == "ratios":
+            continue
+        each = ", ".join(f"{x['s_per_case']:.2f}" for x in r["runs"])
+        q = res["ratios"].get(name)
+        ratio = "1" if q is None else (
+            f"{q['speed_median']:.2f}x ({min(q['speed_per_rep']):.2f}-{max(q['speed_per_rep']):.2f})"
+            + ("" if q["like_for_like"] else " [other precision]"))
+        mem = "1" if q is None else (f"{q['peak_rss_median']:.2f}x ({min(q['peak_rss_per_rep']):.2f}-"
+                                     f"{max(q['peak_rss_per_rep']):.2f})")
+        lines.append(f"| {name} | {r['precision']} | {r['median_s_per_case']:.2f} ({each}) | "
+                     f"{r['median_peak_rss_mb']:.0f} | {ratio} | {mem} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -267,6 +338,10 @@ def main() -> None:
     ap.add_argument("--result")
     ap.add_argument("--bench-dir", default="/tmp/bench_predict")
     ap.add_argument("--cases", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=5, help="repetitions of the hippocampus part (order alternating)")
+    ap.add_argument("--large-reps", type=int, default=2, help="repetitions of the large part (about 7 min each)")
+    ap.add_argument("--precisions", default=None,
+                    help="medseg3d precisions to run (default: fp32, plus bf16 where the CPU has native bf16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--step", type=float, default=0.5)
     ap.add_argument("--parts", default="hippocampus,large")
@@ -282,17 +357,21 @@ def main() -> None:
 
     bench = Path(args.bench_dir)
     bench.mkdir(parents=True, exist_ok=True)
-    results: dict = {"threads": args.threads, "step": args.step, "python": sys.executable}
+    results: dict = {"threads": args.threads, "step": args.step, "python": sys.executable, "reps": args.reps,
+                     "order": "one child at a time, tool order alternating per repetition"}
     import torch
 
     from medseg3d.inference.predictor import resolve_amp
 
     results["torch"] = torch.__version__
     # "auto" is what a user gets: bf16 only where oneDNN has native bf16 (AVX512-bf16/AMX), else fp32
-    results["auto_precision_on_this_cpu"] = str(resolve_amp("auto", torch.device("cpu")))
+    auto = resolve_amp("auto", torch.device("cpu"))
+    results["auto_precision_on_this_cpu"] = str(auto)
+    precisions = args.precisions.split(",") if args.precisions else ["fp32"] + (["bf16"] if auto is not None else [])
     if args.trained:
         results["trained_precision_check"] = trained_precision_check(Path(args.trained), bench, args.threads)
     parts = [p for p in args.parts.split(",") if p]
+    tables = []
     if "hippocampus" in parts or "large" in parts:
         wd, med_in, nn_in, info = setup_hippocampus(bench, args.cases)
         results["hippocampus_setup"] = info
@@ -301,34 +380,37 @@ def main() -> None:
         for tta in (True, False):
             base = {"threads": args.threads, "step": args.step, "tta": tta, "mirror_axes": [0, 1, 2]}
             t = "tta" if tta else "notta"
-            rows[f"nnunet_{t}"] = run_child("nnunet", {**base, "input": str(nn_in), "output": str(bench / f"o_nn_{t}"),
-                                                       "nnunet_plans": str(bench / "nnunet_plans.json"),
-                                                       "nnunet_dataset_json": str(bench / "nnunet_dataset.json")},
-                                            f"nn_{t}", bench)
-            for prec in ("bf16", "fp32"):
-                rows[f"medseg_{prec}_{t}"] = run_child("medseg", {**base, "precision": prec, "work_dir": str(wd),
-                                                                  "input": str(med_in),
-                                                                  "output": str(bench / f"o_ms_{prec}_{t}")},
-                                                       f"ms_{prec}_{t}", bench)
-            rows[f"bf16_vs_fp32_label_agreement_{t}"] = label_agreement(bench / f"o_ms_bf16_{t}", bench / f"o_ms_fp32_{t}")
-            print(json.dumps({k: v for k, v in rows.items() if t in k}, indent=1), flush=True)
+            tools = [("nnunet", "nnunet", {**base, "input": str(nn_in), "output": str(bench / f"o_nn_{t}"),
+                                           "nnunet_plans": str(bench / "nnunet_plans.json"),
+                                           "nnunet_dataset_json": str(bench / "nnunet_dataset.json")})]
+            tools += [(f"medseg3d_{p}", "medseg", {**base, "precision": p, "work_dir": str(wd), "input": str(med_in),
+                                                   "output": str(bench / f"o_ms_{p}_{t}")}) for p in precisions]
+            rows[t] = compare(tools, args.reps, bench, t)
+            if len(precisions) > 1 and "bf16" in precisions:
+                rows[t]["bf16_vs_fp32_label_agreement"] = label_agreement(bench / f"o_ms_bf16_{t}",
+                                                                          bench / f"o_ms_fp32_{t}")
+            tables.append(table(f"hippocampus, {len(info['cases'])} cases, {'mirror TTA' if tta else 'no TTA'}, "
+                                f"{args.reps} reps", {k: v for k, v in rows[t].items() if k != "bf16_vs_fp32_label_agreement"}))
+            print(tables[-1], flush=True)
         results["hippocampus"] = rows
     if "large" in parts:
         lwd, l_med, l_nn = setup_large(bench)
         base = {"threads": args.threads, "step": 1.0, "tta": False, "mirror_axes": [0, 1, 2]}
         big = bench / "large"
-        rows = {"medseg_auto": run_child("medseg", {**base, "precision": "auto", "work_dir": str(lwd),
-                                                    "input": str(l_med), "output": str(big / "o_ms")}, "large_ms", big),
-                "nnunet": run_child("nnunet", {**base, "input": str(l_nn), "output": str(big / "o_nn"),
-                                               "nnunet_plans": str(big / "nnunet_plans.json"),
-                                               "nnunet_dataset_json": str(big / "nnunet_dataset.json")},
-                                    "large_nn", big)}
-        print(json.dumps(rows, indent=1), flush=True)
-        results["large"] = rows
+        tools = [("medseg3d_fp32", "medseg", {**base, "precision": "fp32", "work_dir": str(lwd), "input": str(l_med),
+                                              "output": str(big / "o_ms")}),
+                 ("nnunet", "nnunet", {**base, "input": str(l_nn), "output": str(big / "o_nn"),
+                                       "nnunet_plans": str(big / "nnunet_plans.json"),
+                                       "nnunet_dataset_json": str(big / "nnunet_dataset.json")})]
+        results["large"] = compare(tools, args.large_reps, big, "large")
+        tables.append(table(f"large volume, {args.large_reps} reps", results["large"]))
+        print(tables[-1], flush=True)
     text = json.dumps(results, indent=1)
-    print(text)
     if args.out:
         Path(args.out).write_text(text)
+    else:
+        print(text)
+    print("\n".join(tables))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""Training throughput, medseg3d vs nnU-Net v2, same plan, same machine, one run.
+"""Training throughput, medseg3d vs nnU-Net v2, same plan, same machine, repetitions in alternating order.
 
 Both train 3d_fullres fold 0 of the same dataset with the same patch, batch and network size
 (nnU-Net's plan is read and imposed on medseg3d with --patch-size/--batch-size/--features), one
 augmentation worker each, `--threads` torch threads. Each runs 2 epochs of `--iterations`
 iterations; epoch 1 is warm-up (worker start, oneDNN kernel creation), epoch 2 is measured:
 iterations per second (data wait included), the fraction of that epoch spent waiting for a batch,
-and the peak PSS/RSS of the whole process tree (trainer + workers; sampled every 0.2 s).
+and the peak PSS/RSS of the whole process tree (trainer + workers; sampled every 0.2 s). One run at
+a time; `--reps` repetitions alternate the order of the tools (`benchmarks/_fair.py`); the report
+gives every run, the medians per tool, and medseg3d / nnU-Net ratios of the medians with the
+per-repetition ratios beside them (`like_for_like`: both fp32 on the CPU; bf16 vs nnU-Net's fp32 is
+a different precision).
 medseg3d runs as: bf16 autocast (its default on CPUs with native bf16); fp32 as a real fp32 CPU run
 does by default (channels-last network and batches, torch.compile; compile time falls in the warm-up
 epoch); fp32 eager on contiguous memory (what it did before, and nnU-Net's way on the CPU).
@@ -35,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fair import alternating, median
 from _procmem import tree_memory
 
 HERE = Path(__file__).resolve()
@@ -128,6 +133,38 @@ def _cuda_peak(device: str) -> dict:
     return {"cuda_max_allocated": torch.cuda.max_memory_allocated()} if device.startswith("cuda") else {}
 
 
+#: precision each tool trains in on a CPU (nnU-Net autocasts on CUDA only): memory and speed ratios
+#: between different precisions are listed, never quoted as like-for-like
+PRECISION = {"nnunet": "fp32", "medseg3d_bf16": "bf16", "medseg3d_fp32": "fp32", "medseg3d_fp32_eager": "fp32",
+             "medseg3d_default": "default", "medseg3d_default_compile": "default"}
+KEYS = ("iterations_per_s", "peak_tree_pss", "peak_tree_rss", "cuda_max_allocated")
+
+
+def _value(run: dict, key: str) -> float | None:
+    return run["measured"]["iterations_per_s"] if key == "iterations_per_s" else run.get(key)
+
+
+def _medians(runs: list[dict]) -> dict[str, float]:
+    """Median over the repetitions of each figure (each run is kept in all_runs)."""
+    return {k: median([_value(r, k) for r in runs]) for k in KEYS if _value(runs[0], k) is not None}
+
+
+def _ratios(ours: list[dict], theirs: list[dict], name: str) -> dict:
+    """medseg3d / nnU-Net: of the medians, and per repetition (the two runs of the same repetition)."""
+    mine, nn = _medians(ours), _medians(theirs)
+    out: dict = {"like_for_like": PRECISION.get(name) == "fp32" and _on_cpu(ours)}
+    for k in mine:
+        if k in nn:
+            out[k] = mine[k] / nn[k]
+            out[f"{k}_per_rep"] = [_value(a, k) / _value(b, k) for a, b in zip(ours, theirs)]
+    return out
+
+
+def _on_cpu(runs: list[dict]) -> bool:
+    """Runs on a CPU have no CUDA peak: there both tools' fp32 runs are like for like."""
+    return "cuda_max_allocated" not in runs[0]
+
+
 def _tri(v: int) -> bool | None:
     """-1 -> None (medseg3d's default), 0/1 -> False/True."""
     return None if v < 0 else bool(v)
@@ -151,7 +188,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--task-id", type=int, default=4)
     ap.add_argument("--nnunet-base", type=Path, help="reuse nnUNet_raw/_preprocessed under this folder")
-    ap.add_argument("--reps", type=int, default=1, help="repetitions in alternating order; the best of each is kept")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions in alternating order; medians are reported")
     ap.add_argument("--tools", default="nnunet,medseg3d_bf16,medseg3d_fp32,medseg3d_fp32_eager",
                     help="comma-separated subset")
     ap.add_argument("--out", type=Path, default=Path("bench_train.json"))
@@ -217,7 +254,7 @@ def main() -> None:
     tools = [t for t in tools if t[0] in args.tools.split(",")]
     all_runs: dict[str, list[dict]] = {name: [] for name, _ in tools}
     for rep in range(args.reps):
-        for name, extra in (tools if rep % 2 == 0 else tools[::-1]):
+        for name, extra in alternating(tools, rep):
             report = tmp / f"{name}.json"
             cmd = common + extra + ["--report", str(report)]
             if name.startswith("medseg3d"):
@@ -232,16 +269,12 @@ def main() -> None:
             print(f"rep {rep} {name}: {m['measured']['iterations_per_s']:.4f} it/s, data wait "
                   f"{100 * m['measured']['data_wait_fraction']:.1f}%, peak PSS {m['peak_tree_pss'] / 1e9:.2f} GB, "
                   f"load {m['load_average_after']}", file=sys.stderr)
-    runs = {name: max(rs, key=lambda r: r["measured"]["iterations_per_s"]) for name, rs in all_runs.items()}
-    nn = runs["nnunet"]
     result = {"dataset": str(args.data), "iterations_per_epoch": args.iterations, "threads": args.threads,
-              "plan": plan, "cpu_count": os.cpu_count(), "reps": args.reps, "best_runs": runs, "all_runs": all_runs, "ratios_vs_nnunet": {
-                  name: {"iterations_per_s": r["measured"]["iterations_per_s"] / nn["measured"]["iterations_per_s"],
-                         "peak_tree_pss": r["peak_tree_pss"] / nn["peak_tree_pss"],
-                         "peak_tree_rss": r["peak_tree_rss"] / nn["peak_tree_rss"],
-                         **({"cuda_max_allocated": r["cuda_max_allocated"] / nn["cuda_max_allocated"]}
-                            if "cuda_max_allocated" in nn else {})}
-                  for name, r in runs.items() if name != "nnunet"}}
+              "plan": plan, "cpu_count": os.cpu_count(), "reps": args.reps,
+              "order": "one run at a time, tool order alternating per repetition", "all_runs": all_runs,
+              "medians": {name: _medians(rs) for name, rs in all_runs.items()},
+              "ratios_vs_nnunet": {name: _ratios(rs, all_runs["nnunet"], name)
+                                   for name, rs in all_runs.items() if name != "nnunet"}}
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result["ratios_vs_nnunet"], indent=2))
     shutil.rmtree(tmp, ignore_errors=True)

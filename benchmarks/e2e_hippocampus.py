@@ -100,7 +100,7 @@ def main() -> None:
     splits = make_splits([c.name for c in load_dataset(args.data).cases])
     report_path = out / "e2e_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    report.update({"budget_min": args.budget_min, "threads_each": args.threads, "rule": RULE,
+    report.update({"fold": args.fold, "budget_min": args.budget_min, "threads_each": args.threads, "rule": RULE,
                    "iterations_per_epoch": args.iterations_per_epoch, "val_iterations": args.val_iterations,
                    "medseg3d_args": args.medseg3d_args, "cpu_count": os.cpu_count(),
                    "run_order": "one tool at a time, in --tools order"})
@@ -213,7 +213,7 @@ def print_tables(report: dict) -> None:
     """The accuracy table and each tool's own seconds, as markdown."""
     tools = [t for t in TOOLS if t in report]
     if tools:
-        print(f"\n| fold {report.get('val_cases', '?')} val cases | Dice 1 | Dice 2 | mean Dice | HD95 1 mm | HD95 2 mm |")
+        print(f"\n| fold {report['fold']}, {report.get('val_cases', '?')} validation cases | Dice 1 | Dice 2 | mean Dice | HD95 1 mm | HD95 2 mm |")
         print("|---|---|---|---|---|---|")
         for tool in tools:
             pc = report[tool]["per_class"]

@@ -73,7 +73,7 @@ def test_two_epochs_write_every_artefact(planned, tmp_path):
     assert set(summary["mean_dice"]) == {"1", "2"}
     assert len(list((fd / "validation").glob("*.nii.gz"))) == len(splits[0]["val"])
     ckpt = torch.load(fd / "checkpoint_final.pt", weights_only=False)
-    plan_hash = __import__("medseg3d.plans", fromlist=["Plans"]).Plans.load(wd / "plans.json").hash
+    plan_hash = __import__("medseg3d.plans", fromlist=["Plans"]).Plans.load(wd / "plans.json").network_hash("3d_fullres")
     assert ckpt["plan_hash"] == plan_hash and ckpt["epoch"] == 2 and ckpt["network_kwargs"]["features"] == [4, 8, 16, 16]
     assert "epoch 2/2" in (fd / "training_log.txt").read_text()
     # a second run without --resume refuses to overwrite the fold

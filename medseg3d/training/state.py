@@ -85,13 +85,13 @@ def save(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer | None, sc
     save_checkpoint(path, make_payload(net, optimizer, scaler, state, meta))
 
 
-def resume(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, plan_hash: str,
+def resume(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, plan_identity: dict[str, Any],
            device: torch.device) -> RunState:
     """Restore weights, optimiser, scaler, random states and run state from `path`.
 
     CheckpointError (from `load_checkpoint`) when the file is truncated/corrupt or of another plan.
     """
-    ckpt = load_checkpoint(path, expected_plan_hash=plan_hash, map_location=device)
+    ckpt = load_checkpoint(path, expected_plan=plan_identity, map_location=device)
     net.load_state_dict(ckpt["model"])
     saved_opt = (ckpt.get("train_config") or {}).get("optimizer", "sgd")
     wanted = "adamw" if isinstance(optimizer, torch.optim.AdamW) else "sgd"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from medseg3d.data.augment import AugmentParams
+from medseg3d.data.augment import augment_params_for
 from medseg3d.data.loader import StreamSpec, make_loader, next_batch
 from medseg3d.data.splits import fold_cases, load_or_create_splits
 from medseg3d.errors import ConfigError, MedsegError, OutputExistsError, PlanError
@@ -77,11 +77,6 @@ def _train_cases(work_dir: Path, data_identifier: str) -> list[str]:
         raise PlanError(f"no labelled case in the preprocessed cache {work_dir / 'preprocessed' / data_identifier}; "
                         "run `medseg3d plan DATA_DIR -o WORK_DIR` first (it preprocesses the training cases)")
     return cases
-
-
-def _augment_params(dims: int, mirror_axes: tuple[int, ...]) -> AugmentParams:
-    # 2d: in-plane rotation over the full circle (nnU-Net's 2D range); 3d: +-30 degrees per axis
-    return AugmentParams(rotation_deg=180.0 if dims == 2 else 30.0, mirror_axes=tuple(mirror_axes))
 
 
 def train_fold(work_dir: str | Path, config_name: str, fold: int | str,
@@ -149,13 +144,14 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         if channels_last:
             net = net.to(memory_format=torch.channels_last_3d if cfg.dims == 3 else torch.channels_last)
         opt = make_optimizer(net, tc)
-        meta = {"plan_hash": plans.hash, "configuration": config_name, "architecture": arch,
+        meta = {"plan_hash": plans.network_hash(config_name), "plan_identity": plans.network_identity(config_name),
+                "configuration": config_name, "architecture": arch,
                 "network_kwargs": kwargs, "in_channels": plans.num_channels, "num_classes": num_classes,
                 "fold": str(fold), "patch_size": list(patch), "train_config": tc.to_dict()}
         state = st.RunState()
         if tc.resume:
             if latest.exists():
-                state = st.resume(latest, net, opt, scaler, plans.hash, device)
+                state = st.resume(latest, net, opt, scaler, plans.network_identity(config_name), device)
             else:
                 log.warning("--resume: no %s yet, starting this fold from epoch 0", latest)
         model: torch.nn.Module = net
@@ -180,7 +176,7 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         # a resumed run gets fresh (but reproducible) data streams: seeded by epoch and rank too
         stream_seed = [tc.seed, info.rank, state.epoch]
         train_spec = StreamSpec(work_dir, cfg.data_identifier, train_cases, patch, rank_batch, cfg.slice_axis,
-                                tc.oversample_fg, _augment_params(cfg.dims, cfg.mirror_axes) if tc.augment else None,
+                                tc.oversample_fg, augment_params_for(patch, cfg.mirror_axes) if tc.augment else None,
                                 seed=int(np.random.SeedSequence(stream_seed).generate_state(1)[0]))
         val_spec = StreamSpec(work_dir, cfg.data_identifier, val_cases or train_cases, patch, rank_batch,
                               cfg.slice_axis, tc.oversample_fg, None,
