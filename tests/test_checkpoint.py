@@ -32,7 +32,7 @@ def test_round_trip_rebuilds_the_same_network(tmp_path):
     p = tmp_path / "fold_0" / "checkpoint_final.pt"
     save_checkpoint(p, payload(1))
     assert [f.name for f in p.parent.iterdir()] == ["checkpoint_final.pt"]  # no temp file left
-    ckpt = load_checkpoint(p, expected_plan_hash="a" * 64)
+    ckpt = load_checkpoint(p)
     assert ckpt["format_version"] == FORMAT_VERSION and ckpt["epoch"] == 7
     model = build_model_from_checkpoint(ckpt)
     assert not model.training
@@ -87,12 +87,22 @@ def test_missing_keys(tmp_path):
 
 
 def test_other_plan_is_refused(tmp_path):
+    from medseg3d.plans.schema import identity_hash
+
+    ident = {"labels": {"0": "bg", "1": "a"}, "channel_names": ["MRI"],
+             "configuration": {"spacing": [1.0, 1.0, 1.0], "patch_size": [16, 16, 16]}}
     p = tmp_path / "c.pt"
     save_checkpoint(p, payload(plan_hash="b" * 64))
     with pytest.raises(CheckpointError, match="another plan") as err:
-        load_checkpoint(p, expected_plan_hash="c" * 64)
+        load_checkpoint(p, expected_plan=ident)
     assert "bbbbbbbbbbbb" in str(err.value) and "retrain" in str(err.value)
-    assert load_checkpoint(p)["plan_hash"] == "b" * 64  # no hash asked for: loads
+    assert load_checkpoint(p)["plan_hash"] == "b" * 64  # no plan asked for: loads
+    # a checkpoint that stores its plan identity is accepted by an equal plan and says what differs otherwise
+    save_checkpoint(p, {**payload(plan_hash=identity_hash(ident)), "plan_identity": ident})
+    assert load_checkpoint(p, expected_plan=ident)["epoch"] == 7
+    other = {**ident, "configuration": {"spacing": [2.0, 1.0, 1.0], "patch_size": [16, 16, 16]}}
+    with pytest.raises(CheckpointError, match=r"spacing: \[1.0, 1.0, 1.0\] -> \[2.0, 1.0, 1.0\]"):
+        load_checkpoint(p, expected_plan=other)
 
 
 def test_weights_that_do_not_fit(tmp_path):

@@ -155,7 +155,11 @@ def test_2d_slice_axis():
     plans = _plan("anisotropic")
     c2 = plans.configuration("2d")
     assert c2.slice_axis == 2 and c2.in_plane_axes == (0, 1)
-    assert c2.data_identifier == plans.configuration("3d_fullres").data_identifier
+    # nnU-Net's 2d rule: its own cache, the slice axis at each case's native spacing
+    assert c2.data_identifier == "2d" != plans.configuration("3d_fullres").data_identifier
+    assert c2.native_spacing_axis == 2 and plans.configuration("3d_fullres").native_spacing_axis is None
+    assert c2.target_spacing((0.5, 0.6, 4.7))[2] == 4.7
+    assert c2.target_spacing((0.5, 0.6, 4.7))[:2] == c2.spacing[:2]
 
 
 def test_schema_roundtrip_and_refusals(tmp_path):
@@ -163,7 +167,7 @@ def test_schema_roundtrip_and_refusals(tmp_path):
     p = tmp_path / "plans.json"
     plans.save(p)
     again = Plans.load(p)
-    assert again.hash == plans.hash
+    assert again.network_hash("3d_fullres") == plans.network_hash("3d_fullres")
     assert Plans.load(tmp_path).configuration("3d_fullres").network_kwargs()["dims"] == 3
     assert again.num_classes == 3 and again.channel_names == ["MRI"]
     with pytest.raises(ConfigError, match="valid: 2d, 3d_fullres"):
@@ -182,7 +186,7 @@ def test_schema_roundtrip_and_refusals(tmp_path):
 
 def test_plan_hash_changes_with_content():
     a, b = _plan("isotropic"), _plan("small")
-    assert a.hash != b.hash and len(a.hash) == 64
+    assert a.network_hash("3d_fullres") != b.network_hash("3d_fullres") and len(a.network_hash("3d_fullres")) == 64
 
 
 def test_2d_files_refused_with_the_fix():

@@ -43,8 +43,9 @@ def show_plans(plans) -> None:
             extra = f" [{norm['lower']:g}, {norm['upper']:g}]" if norm["scheme"] in ("ct", "rescale") else ""
             cells.append(norm["scheme"] + extra)
         table.add_row(f"norm ch{ch} ({cname})", *cells)
+    table.add_row("plan hash", *[plans.network_hash(n)[:12] for n in names])
     console.print(table)
-    console.print(f"labels: {plans.labels}  schema {plans.schema_version}  plan hash {plans.hash[:12]}")
+    console.print(f"labels: {plans.labels}  schema {plans.schema_version}")
 
 
 def register(app: typer.Typer) -> None:
@@ -55,7 +56,8 @@ def register(app: typer.Typer) -> None:
         folder: Path = typer.Argument(..., help="DATA_DIR to plan (or, with --show alone, the WORK_DIR to print)."),
         output: Path = typer.Option(None, "--output", "-o", help="WORK_DIR for fingerprint, plans.json and the cache."),
         gpu_memory: float = typer.Option(
-            None, "--gpu-memory", help="GPU memory budget in GB (default: free memory of the CUDA device, else 8)."
+            None, "--gpu-memory", help="GPU memory budget in GB (default: the CUDA device's total memory "
+            "in whole GiB, else 8)."
         ),
         configs: str = typer.Option(
             "", "--configs", help="Comma-separated configurations: 2d,3d_fullres,3d_lowres,3d_cascade_fullres "

@@ -39,10 +39,32 @@ class AugmentParams:
     gamma_range: tuple[float, float] = (0.7, 1.5)
     p_mirror: float = 0.5
     mirror_axes: tuple[int, ...] = field(default_factory=tuple)
+    #: 3D only, nnU-Net's dummy-2D augmentation: rotation about this patch axis alone, scaling and the
+    #: low-resolution simulation in the two other axes only (this axis is never resampled). None: 3D.
+    dummy_2d_axis: int | None = None
 
     @property
     def spatial(self) -> bool:
         return self.p_rotation > 0 or self.p_scale > 0
+
+
+def augment_params_for(patch_size: tuple[int, ...] | list[int], mirror_axes: tuple[int, ...]) -> AugmentParams:
+    """nnU-Net v2's rotation/dummy-2D rule (`configure_rotation_dummyDA_mirroring_and_inital_patch_size`).
+
+    2D patches: +-180 degrees, or +-15 when the patch is elongated (longest / shortest edge > 1.5).
+    3D patches: +-30 degrees about each axis; when the patch is anisotropic (longest edge more than
+    `ANISO_THRESHOLD` x the shortest, `geometry.dummy_2d_axis`) dummy-2D: +-180 degrees about the
+    short axis only, scaling and low-resolution simulation in-plane only.
+    """
+    from medseg3d.geometry import dummy_2d_axis
+
+    patch = [int(p) for p in patch_size]
+    if len(patch) == 2:
+        return AugmentParams(rotation_deg=15.0 if max(patch) / min(patch) > 1.5 else 180.0,
+                             mirror_axes=tuple(mirror_axes))
+    axis = dummy_2d_axis(patch)
+    return AugmentParams(rotation_deg=30.0 if axis is None else 180.0, mirror_axes=tuple(mirror_axes),
+                         dummy_2d_axis=axis)
 
 
 def no_augmentation() -> AugmentParams:
@@ -92,9 +114,17 @@ def spatial_transform(image: torch.Tensor, label: torch.Tensor, out_size: tuple[
     lim = math.radians(params.rotation_deg)
     angles = _uniform(b * (1 if d == 2 else 3), -lim, lim, g).reshape(b, *(() if d == 2 else (3,)))
     angles = angles * rot.reshape(b, *([1] * (angles.dim() - 1)))
+    flat_axis = params.dummy_2d_axis if d == 3 else None
+    if flat_axis is not None:  # dummy 2D: rotate about the short axis only
+        keep = torch.zeros(3)
+        keep[flat_axis] = 1.0
+        angles = angles * keep
     a = rotation_matrices(angles)
     scale = torch.where(scl, _uniform(b, *params.scale_range, g), torch.ones(b))
-    a = a * scale.reshape(b, 1, 1)
+    per_axis = scale.reshape(b, 1).repeat(1, d)
+    if flat_axis is not None:  # ... and scale in-plane only
+        per_axis[:, flat_axis] = 1.0
+    a = a * per_axis.reshape(b, 1, d)
     # voxel units -> normalised grid coordinates of input and output; grid axes are reversed (x = last dim)
     in_t = torch.tensor(in_size, dtype=torch.float32)
     out_t = torch.tensor(out_size, dtype=torch.float32)
@@ -179,9 +209,10 @@ def low_resolution(image: torch.Tensor, params: AugmentParams, g: torch.Generato
     out = image.clone()
     size = image.shape[2:]
     mode = "bilinear" if d == 2 else "trilinear"
+    flat_axis = params.dummy_2d_axis if d == 3 else None
     for i in idx:
         z = float(_uniform(1, *params.lowres_zoom, g))
-        small = [max(1, int(round(s * z))) for s in size]
+        small = [s if a == flat_axis else max(1, int(round(s * z))) for a, s in enumerate(size)]
         low = F.interpolate(image[i:i + 1], size=small, mode="nearest")
         out[i:i + 1] = F.interpolate(low, size=tuple(size), mode=mode, align_corners=False)
     return out

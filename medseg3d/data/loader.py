@@ -45,11 +45,13 @@ class StreamSpec:
 def enlarged_patch(patch_size: Sequence[int], params: AugmentParams | None) -> tuple[int, ...]:
     """Box sampled before the spatial transform: 12.5% margin per side (same parity) when rotating/scaling.
 
-    The margin gives rotated/zoomed-out patches real image instead of zeros at their corners.
+    The margin gives rotated/zoomed-out patches real image instead of zeros at their corners; a
+    dummy-2D axis (`AugmentParams.dummy_2d_axis`) is neither rotated nor scaled, so it gets none.
     """
     if params is None or not params.spatial:
         return tuple(int(p) for p in patch_size)
-    return tuple(int(p) + 2 * int(math.ceil(0.125 * int(p))) for p in patch_size)
+    flat = params.dummy_2d_axis if len(patch_size) == 3 else None
+    return tuple(int(p) + (0 if a == flat else 2 * int(math.ceil(0.125 * int(p)))) for a, p in enumerate(patch_size))
 
 
 class BatchStream(IterableDataset):

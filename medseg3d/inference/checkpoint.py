@@ -26,6 +26,7 @@ from torch import nn
 
 from medseg3d.errors import CheckpointError
 from medseg3d.io.atomic import atomic_path
+from medseg3d.plans.schema import identity_differences, identity_hash
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,14 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(
-    path: str | Path, *, expected_plan_hash: str | None = None, map_location: str | torch.device = "cpu"
+    path: str | Path, *, expected_plan: dict[str, Any] | None = None, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint` and check it.
 
     Raises CheckpointError naming the file when it is missing, truncated or corrupt, of an unknown
-    `format_version`, lacks a required key, or (with `expected_plan_hash`) was trained with another plan.
+    `format_version`, lacks a required key, or (with `expected_plan`, the `Plans.network_identity` of
+    the configuration the caller uses) was trained with a plan that differs in what the network
+    depends on; the message lists the differences when the checkpoint stores its `plan_identity`.
     """
     path = Path(path)
     if not path.is_file():
@@ -111,11 +114,14 @@ def load_checkpoint(
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; {_FIX_CORRUPT}")
-    if expected_plan_hash is not None and ckpt["plan_hash"] != expected_plan_hash:
+    if expected_plan is not None and ckpt["plan_hash"] != identity_hash(expected_plan):
+        stored = ckpt.get("plan_identity")
+        what = "; ".join(identity_differences(stored, expected_plan)) if isinstance(stored, dict) else ""
         raise CheckpointError(
             f"checkpoint {path} was trained with another plan (plan hash {str(ckpt['plan_hash'])[:12]}..., "
-            f"the current plans.json has {expected_plan_hash[:12]}...): plans.json changed after training. "
-            "Restore the plans.json it was trained with, or retrain this fold with the current plan")
+            f"the current plans.json gives {identity_hash(expected_plan)[:12]}...)"
+            + (f": {what}" if what else "") + ". Restore the plans.json it was trained with (or rerun "
+            "`medseg3d plan` with the settings it was planned with), or retrain this fold with the current plan")
     return ckpt
 
 

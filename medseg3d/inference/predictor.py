@@ -23,14 +23,13 @@ from torch import nn
 
 from medseg3d.errors import InputError
 from medseg3d.inference.sliding_window import sliding_window_slabs
-from medseg3d.preprocess.crop import crop_to_nonzero, uncrop
-from medseg3d.preprocess.normalize import normalize
-from medseg3d.preprocess.pipeline import probs_to_original, resample_data
-from medseg3d.preprocess.resample import compute_new_shape, linear_rows, separate_axis_for
+from medseg3d.preprocess.crop import uncrop
+from medseg3d.preprocess.pipeline import preprocess_arrays, probs_to_original
+from medseg3d.preprocess.resample import linear_rows, separate_axis_for
 
 if TYPE_CHECKING:
     from medseg3d.io.volume import Volume
-    from medseg3d.plans.schema import ConfigurationPlan, Plans
+    from medseg3d.plans.schema import Plans
 
 log = logging.getLogger(__name__)
 
@@ -110,36 +109,6 @@ def check_input(image: Volume, plans: Plans, case: str = "") -> None:
         raise InputError(f"{who}image holds NaN or Inf voxels; fix or mask them before predicting")
 
 
-def preprocess_releasing_input(
-    box: list[np.ndarray], spacing: tuple[float, ...], config: ConfigurationPlan
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """`preprocess_arrays` without a label, dropping the input `(C, X, Y, Z)` (popped from `box`) once
-    it is normalised, so the cubic resampling does not run with the input still held.
-
-    Same steps and functions as `medseg3d.preprocess.pipeline.preprocess_arrays` (tests check the
-    result is identical); returns `(data float32 (C, X', Y', Z'), properties)`.
-    """
-    data = np.asarray(box.pop())
-    if data.ndim != 4:
-        raise InputError(f"expected a 3D image (C, X, Y, Z), got shape {data.shape}")
-    original_shape = tuple(int(s) for s in data.shape[1:])
-    data_c, _, bbox = crop_to_nonzero(data)
-    del data
-    shape_after_crop = tuple(int(s) for s in data_c.shape[1:])
-    data_n = normalize(data_c, config.normalization)
-    del data_c  # the crop was a view: with it the input goes
-    new_shape = compute_new_shape(shape_after_crop, spacing, config.spacing)
-    sep = config.resampling.get("separate_axis")
-    if sep is None:
-        sep = separate_axis_for(spacing, config.spacing)
-    data_r = resample_data(data_n, new_shape, order=int(config.resampling.get("image_order", 3)), separate_axis=sep)
-    del data_n
-    props = {"original_shape": list(original_shape), "original_spacing": [float(s) for s in spacing], "bbox": bbox,
-             "shape_after_crop": list(shape_after_crop), "shape_after_resample": list(new_shape),
-             "spacing": [float(s) for s in config.spacing]}
-    return np.ascontiguousarray(data_r, dtype=np.float32), props
-
-
 #: Voxels of the original grid resampled per export slab (16 MB per float32 class map).
 _EXPORT_SLAB_VOXELS = 1 << 22
 
@@ -194,7 +163,8 @@ def predict_case(
     """Segment one image with the average of `models` (fold networks in eval mode).
 
     image: `Volume` `(C, X, Y, Z)` as read from disk (any affine); plans/config_name: the plan the
-    models were trained with. Steps: crop, normalise, resample to the plan's spacing, sliding
+    models were trained with. Steps: `preprocess_arrays` (exactly what the cache writer did for
+    training: crop, normalise, resample to the plan's spacing), sliding
     window (Gaussian weights, `step` x patch, mirror TTA over the plan's `mirror_axes` when
     `use_mirroring`, softmax averaged over models), back to the original grid, uncrop,
     largest-component `postprocessing` (decision dict or None).
@@ -207,10 +177,12 @@ def predict_case(
     amp = resolve_amp(precision, dev)
     arr, spacing = image.array, tuple(image.spacing)
     del image  # when the caller passed its only reference (predict_folder does), `arr` is the last one
-    data_np, props = preprocess_releasing_input([arr], spacing, config)
-    del arr
-    data = torch.from_numpy(data_np)
-    del data_np
+    box = [arr]
+    del arr  # the list holds the last reference: preprocessing frees the input before resampling
+    pre = preprocess_arrays(box, spacing, config)
+    props = pre.properties
+    data = torch.from_numpy(pre.data)
+    del pre
     if batch_size is None:
         batch_size = default_batch_size(config.patch_size, config.dims)
     stream = sliding_window_slabs(
@@ -220,7 +192,7 @@ def predict_case(
     )
     sep = config.resampling.get("separate_axis")
     if sep is None:
-        sep = separate_axis_for(props["original_spacing"], config.spacing)
+        sep = separate_axis_for(props["original_spacing"], props["spacing"])
     net_shape = tuple(int(s) for s in data.shape[1:])
     del data
     crop_shape = tuple(int(s) for s in props["shape_after_crop"])

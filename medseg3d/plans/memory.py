@@ -75,15 +75,19 @@ def cuda_available() -> bool:
 
 
 def default_budget_gb() -> float:
-    """Free memory of the current CUDA device in GB, else 8."""
+    """Total memory of the current CUDA device in GiB, rounded down to a whole GiB; else 8.
+
+    The total, not the free memory of the moment (as nnU-Net's fixed per-GPU target): two runs of
+    `medseg3d plan` on the same data and machine then write the same plan, whatever else runs.
+    """
     if not cuda_available():
         return DEFAULT_BUDGET_GB
     try:
         import torch
 
         if torch.cuda.is_available():
-            free, _ = torch.cuda.mem_get_info()
-            return free / GIB
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            return float(max(1, math.floor(total / GIB)))
     except Exception as exc:  # noqa: BLE001 (a broken CUDA set-up falls back to the default)
         log.debug("no CUDA memory info: %s", exc)
     return DEFAULT_BUDGET_GB

@@ -1,7 +1,7 @@
 """Fingerprint -> Plans: applies the pure rules of `rules.py` with a memory model from `memory.py`.
 
-Configurations: `3d_fullres` (unless the data is thin/2D-like), `2d` (always; shares 3d_fullres'
-cache), and `3d_lowres` + `3d_cascade_fullres` when the fullres patch covers less than a quarter of
+Configurations: `3d_fullres` (unless the data is thin/2D-like), `2d` (always; its own cache, in-plane
+at 3d_fullres' spacing, the slice axis at each case's own spacing, as nnU-Net), and `3d_lowres` + `3d_cascade_fullres` when the fullres patch covers less than a quarter of
 the median image. Axis order is the array order `(X, Y, Z)`: nothing is transposed.
 """
 
@@ -21,7 +21,7 @@ from medseg3d.errors import ConfigError, PlanError
 from medseg3d.plans import rules
 from medseg3d.plans.memory import GIB, make_memory_fn
 from medseg3d.plans.schema import SCHEMA_VERSION, Plans
-from medseg3d.preprocess.resample import ANISO_THRESHOLD, compute_new_shape
+from medseg3d.geometry import anisotropic_axis, compute_new_shape
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _configuration(
     sp = [spacing[a] for a in axes]
     med = [max(1, int(round(median_shape[a]))) for a in axes]
     topo = rules.plan_topology_and_patch(sp, med, memory_fn, budget_bytes, n_voxels)
-    sep = int(np.argmax(full_spacing)) if max(full_spacing) / min(full_spacing) > ANISO_THRESHOLD else None
+    sep = anisotropic_axis(full_spacing)
     return {
         "dims": dims,
         "spacing": [float(s) for s in (spacing if slice_axis is None else full_spacing)],
@@ -64,7 +64,9 @@ def _configuration(
         "architecture": arch,
         "mirror_axes": list(range(dims)),
         "median_shape": [int(round(v)) for v in (median_shape if slice_axis is None else full_median)],
-        "resampling": {"image_order": 3, "label_mode": "linear_onehot", "separate_axis": sep},
+        # 2d keeps each case's own spacing along the slice axis (nnU-Net's rule): `native_axis`
+        "resampling": {"image_order": 3, "label_mode": "linear_onehot", "separate_axis": sep,
+                       **({} if slice_axis is None else {"native_axis": slice_axis})},
         "previous_stage": None,
         "next_stage": None,
         "estimated_memory_gb": round(topo["estimated_bytes"] / GIB, 3),
@@ -110,7 +112,7 @@ def plan_from_fingerprint(
                                  full_sp, full_med)
     slice_axis = rules.slice_axis_2d(full_sp, full_med)
     if "2d" in wanted or not is_3d:
-        out["2d"] = _configuration(2, full_sp, full_med, "3d_fullres", norm, memory_fn, budget, n_vox, arch,
+        out["2d"] = _configuration(2, full_sp, full_med, "2d", norm, memory_fn, budget, n_vox, arch,
                                    slice_axis, full_sp, full_med)
     if fullres is not None:
         lowres = _plan_lowres(fullres, full_sp, full_med, norm, memory_fn, budget, n_cases, arch)

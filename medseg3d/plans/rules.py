@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from medseg3d.preprocess.normalize import scheme_for_modality
+from medseg3d.geometry import ANISO_THRESHOLD
 
-ANISO_THRESHOLD = 3.0           # a coarse axis more than 3x the others is "anisotropic"
 MIN_FEATURE_MAP = 4             # pool an axis only while its map is >= 2 * 4 voxels
 BASE_FEATURES = 32
 MAX_FEATURES = {2: 512, 3: 320}
@@ -56,6 +55,18 @@ def slice_axis_2d(spacing: Sequence[float], median_shape: Sequence[int]) -> int:
 
 #: z-score inside the non-zero region only when cropping keeps less than this fraction of the image.
 MASK_NORM_BELOW = 0.75
+
+
+def scheme_for_modality(modality: str) -> str:
+    """Normalisation scheme for a channel name from dataset.json (`CT` -> ct, `noNorm` -> none, ...)."""
+    m = modality.strip().lower().replace("-", "_")
+    if m == "ct":
+        return "ct"
+    if m in ("nonorm", "none", "no_norm"):
+        return "none"
+    if m in ("rescale", "rescale_to_0_1", "rgb_to_0_1"):
+        return "rescale"
+    return "zscore"
 
 
 def normalization_for(

@@ -29,6 +29,16 @@ CONFIG_KEYS = (
     "resampling", "previous_stage", "next_stage",
 )
 
+#: The configuration keys a trained network depends on: what its input looks like (spacing,
+#: normalisation and its statistics, resampling, the previous stage's channels), the topology and
+#: the patch its sliding window uses. The plan hash covers these, the labels and the channels; not
+#: the dataset's path, the medseg3d version, the GPU budget, the batch size or the default
+#: architecture name (a checkpoint records the architecture it was built with).
+NETWORK_KEYS = (
+    "dims", "spacing", "slice_axis", "patch_size", "strides", "kernel_sizes", "features", "normalization",
+    "mirror_axes", "resampling", "previous_stage",
+)
+
 
 @dataclass
 class ConfigurationPlan:
@@ -131,6 +141,21 @@ class ConfigurationPlan:
         return dict(self.raw["resampling"])
 
     @property
+    def native_spacing_axis(self) -> int | None:
+        """The axis that keeps each case's own spacing (2d: the slice axis, as nnU-Net), or None."""
+        v = self.raw["resampling"].get("native_axis")
+        return None if v is None else int(v)
+
+    def target_spacing(self, original_spacing: tuple[float, ...] | list[float]) -> tuple[float, float, float]:
+        """Spacing (mm, `(X, Y, Z)`) a case of `original_spacing` is resampled to: the plan's `spacing`,
+        except along `native_spacing_axis`, where the case keeps its own (2d never resamples through-plane)."""
+        target = list(self.spacing)
+        axis = self.native_spacing_axis
+        if axis is not None:
+            target[axis] = float(original_spacing[axis])
+        return tuple(target)  # type: ignore[return-value]
+
+    @property
     def previous_stage(self) -> str | None:
         return self.raw["previous_stage"]
 
@@ -206,11 +231,24 @@ class Plans:
             raise ConfigError(f"configuration {name!r} is not in this plan; valid: {valid}")
         return self.configurations[name]
 
-    @property
-    def hash(self) -> str:
-        """sha256 of the canonical JSON (sorted keys, no whitespace): what checkpoints record."""
-        canon = json.dumps(self.raw, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+    def network_identity(self, name: str) -> dict[str, Any]:
+        """What a network trained on configuration `name` depends on (`NETWORK_KEYS`, labels, channels).
+
+        Checkpoints store it beside `network_hash(name)`, so a refused checkpoint can say what differs.
+        """
+        raw = self.configuration(name).raw
+        return copy.deepcopy({
+            "labels": self.raw["labels"], "channel_names": self.raw["channel_names"],
+            "configuration": {k: raw.get(k) for k in NETWORK_KEYS},
+        })
+
+    def network_hash(self, name: str) -> str:
+        """sha256 of `network_identity(name)` as canonical JSON: the plan hash checkpoints record.
+
+        Re-planning the same data (from another folder, with another medseg3d version or GPU
+        budget, or adding another configuration) keeps it; a change a network depends on does not.
+        """
+        return identity_hash(self.network_identity(name))
 
     @property
     def schema_version(self) -> int:
@@ -246,3 +284,21 @@ class Plans:
     def num_classes(self) -> int:
         """Number of output classes, background included (`max label id + 1`)."""
         return max(self.labels) + 1
+
+
+def identity_hash(identity: dict[str, Any]) -> str:
+    """sha256 of a `Plans.network_identity` dict as canonical JSON (sorted keys, no whitespace)."""
+    canon = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every entry that differs between two `Plans.network_identity` dicts."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key == "configuration":
+            diffs += identity_differences(a, b)
+        elif a != b:
+            diffs.append(f"{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return diffs

@@ -15,18 +15,6 @@ import numpy as np
 SCHEMES = ("zscore", "ct", "rescale", "none")
 
 
-def scheme_for_modality(modality: str) -> str:
-    """Normalisation scheme for a channel name from dataset.json (`CT` -> ct, `noNorm` -> none, ...)."""
-    m = modality.strip().lower().replace("-", "_")
-    if m == "ct":
-        return "ct"
-    if m in ("nonorm", "none", "no_norm"):
-        return "none"
-    if m in ("rescale", "rescale_to_0_1", "rgb_to_0_1"):
-        return "rescale"
-    return "zscore"
-
-
 def normalize_channel(x: np.ndarray, norm: dict[str, Any], mask: np.ndarray | None = None) -> np.ndarray:
     """Normalise one channel `x` (any spatial shape) per `norm` (an entry of plan `normalization`).
 

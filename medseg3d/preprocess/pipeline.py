@@ -71,28 +71,41 @@ def sample_class_locations(
 
 
 def preprocess_arrays(
-    data: np.ndarray,
+    data: np.ndarray | list[np.ndarray],
     spacing: tuple[float, ...],
     config: ConfigurationPlan,
     seg: np.ndarray | None = None,
     classes: list[int] | None = None,
 ) -> PreprocessedCase:
-    """`preprocess_case` on plain arrays: `data` `(C, X, Y, Z)`, `spacing` mm, `seg` `(X, Y, Z)` integer."""
+    """`preprocess_case` on plain arrays: `data` `(C, X, Y, Z)`, `spacing` mm, `seg` `(X, Y, Z)` integer.
+
+    The one preprocessing function: the cache writer, the final validation and `medseg3d predict`
+    all call it. `data` may be passed inside a one-element list, which is emptied: when the caller
+    keeps no other reference, the input is then freed once it is normalised, before the cubic
+    resampling (the memory peak of predicting a large volume).
+    """
+    if isinstance(data, list):
+        if len(data) != 1:
+            raise ValueError("pass the image array itself or a list holding exactly that one array")
+        data = np.asarray(data.pop())
     if data.ndim != 4:
         raise InputError(f"expected a 3D image (C, X, Y, Z), got shape {data.shape}; 2D files are not supported")
     original_shape = tuple(int(s) for s in data.shape[1:])
     data_c, seg_c, bbox = crop_to_nonzero(data, seg)
+    del data
     shape_after_crop = tuple(int(s) for s in data_c.shape[1:])
     mask = None
     if any(n.get("use_mask") for n in config.normalization):
         mask = ndimage.binary_fill_holes(np.any(data_c != 0, axis=0))
     data_n = normalize(data_c, config.normalization, mask)
-    target = config.spacing
+    del data_c, mask  # the crop is a view: with it the caller's input goes, if it held no other reference
+    target = config.target_spacing(spacing)
     new_shape = compute_new_shape(shape_after_crop, spacing, target)
     sep = config.resampling.get("separate_axis")
     if sep is None:
         sep = separate_axis_for(spacing, target)
     data_r = resample_data(data_n, new_shape, order=int(config.resampling.get("image_order", 3)), separate_axis=sep)
+    del data_n
     props: dict[str, Any] = {
         "original_shape": list(original_shape),
         "original_spacing": [float(s) for s in spacing],
@@ -114,7 +127,7 @@ def preprocess_arrays(
 def preprocess_case(
     image: Volume, config: ConfigurationPlan, label: Volume | None = None, classes: list[int] | None = None
 ) -> PreprocessedCase:
-    """Crop, normalise and resample one case to `config.spacing`.
+    """Crop, normalise and resample one case to `config.target_spacing(image spacing)`.
 
     image: `Volume` with array `(C, X, Y, Z)`; label: `Volume` with array `(1, X, Y, Z)` integer.
     `classes`: foreground classes whose locations are sampled (default: those present).

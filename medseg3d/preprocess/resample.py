@@ -12,30 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-#: A spacing ratio above this marks an axis as anisotropic (nnU-Net's ANISO_THRESHOLD).
-ANISO_THRESHOLD = 3.0
+from medseg3d.geometry import ANISO_THRESHOLD, compute_new_shape, separate_axis_for
 
-
-def compute_new_shape(
-    shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]
-) -> tuple[int, ...]:
-    """Shape (voxels) after resampling from `spacing` to `new_spacing` (mm), rounded, at least 1."""
-    return tuple(
-        max(1, int(round(s * sp / nsp))) for s, sp, nsp in zip(shape, spacing, new_spacing, strict=True)
-    )
-
-
-def separate_axis_for(spacing: Sequence[float], new_spacing: Sequence[float]) -> int | None:
-    """The axis to resample on its own (the coarse one), or None when both spacings are near isotropic.
-
-    The source spacing decides first, then the target (as nnU-Net does).
-    """
-    for sp in (spacing, new_spacing):
-        sp = np.asarray(sp, dtype=float)
-        if sp.max() / sp.min() > ANISO_THRESHOLD:
-            return int(np.argmax(sp))
-    return None
-
+__all__ = [
+    "ANISO_THRESHOLD", "compute_new_shape", "linear_rows", "resample_data", "resample_seg", "separate_axis_for",
+]
 
 #: Edge padding before the spline prefilter, as scipy's `zoom` pads for mode "nearest".
 _SPLINE_PAD = 12

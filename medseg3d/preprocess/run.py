@@ -1,8 +1,8 @@
 """Preprocess a whole dataset into the cache: parallel, resumable, atomic, with the disk footprint.
 
 A case whose files already exist and agree with its properties is skipped, so an interrupted run
-continues where it stopped. 2d shares 3d_fullres' cache (same data_identifier): each identifier is
-written once.
+continues where it stopped. Each data identifier is written once (3d_fullres and
+3d_cascade_fullres share one; 2d has its own, the slice axis at each case's native spacing).
 """
 
 from __future__ import annotations
@@ -129,6 +129,36 @@ def files_signature(cases: list[Case]) -> str:
     return h.hexdigest()
 
 
+def merge_plans(old: Plans, new: Plans) -> Plans:
+    """`new`, plus the configurations of `old` that `new` does not plan, when both describe the same data.
+
+    So `medseg3d plan --configs 2d` on a WORK_DIR adds 2d and keeps 3d_fullres (and its trained
+    folds). A configuration planned again replaces the old one; when that changes what a network
+    depends on, the log says so (its checkpoints are then refused, naming the difference). Data that
+    changed (another dataset hash) replaces the whole plan.
+    """
+    from medseg3d.plans.planner import ALL_CONFIGS
+    from medseg3d.plans.schema import identity_differences
+
+    if old.dataset_hash != new.dataset_hash:
+        if old.configurations:
+            log.warning("the dataset changed since the existing plan: every configuration is planned anew "
+                        "(%s); folds trained before will be refused", ", ".join(old.configurations))
+        return new
+    for name in set(old.configurations) & set(new.configurations):
+        diffs = identity_differences(old.network_identity(name), new.network_identity(name))
+        if diffs:
+            log.warning("%s re-planned with other network settings (%s): folds trained with the old plan "
+                        "will be refused", name, "; ".join(diffs))
+    raw = new.to_dict()
+    merged = {**old.raw["configurations"], **raw["configurations"]}
+    raw["configurations"] = {k: merged[k] for k in ALL_CONFIGS if k in merged}
+    kept = [k for k in old.configurations if k not in new.configurations]
+    if kept:
+        log.info("kept from the existing plan: %s", ", ".join(kept))
+    return Plans(raw)
+
+
 def plan_and_preprocess(
     data_dir: str | Path,
     work_dir: str | Path,
@@ -184,13 +214,15 @@ def plan_and_preprocess(
         dataset_dir=str(Path(data_dir).resolve()), measure_cuda=measure,
     )
     plans_path = work_dir / "plans.json"
-    old_hash = None
+    old = None
     if plans_path.is_file():
         try:
-            old_hash = Plans.load(plans_path).hash
-        except MedsegError:
-            old_hash = None
-    if old_hash != plans.hash:
+            old = Plans.load(plans_path)
+        except MedsegError as exc:
+            log.warning("the existing %s is not usable (%s); it is replaced", plans_path, exc)
+    if old is not None:
+        plans = merge_plans(old, plans)
+    if old is None or old.to_dict() != plans.to_dict():
         plans.save(plans_path)
     t3 = time.perf_counter()
     names = list(plans.configurations)
