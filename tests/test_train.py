@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from medseg3d.cli import main
-from medseg3d.training.config import TrainConfig
+from medseg3d.errors import ConfigError
+from medseg3d.training.config import TrainConfig, check_patch_size
 from medseg3d.training.trainer import poly_lr, train_fold
 
 torch.set_num_threads(1)
@@ -91,13 +92,51 @@ def test_2d_configuration_trains_on_slices(planned, tmp_path):
     assert len(_rows(fd)) == 1
 
 
-def test_early_stopping_without_improvement(planned, tmp_path):
+def test_early_stopping_follows_the_measured_validation_pseudo_dice(planned, tmp_path):
+    """Stopping is decided by the EMA of the pseudo-Dice measured on validation patches, as metrics.csv shows."""
     wd = _copy(planned, tmp_path)
-    tc = TrainConfig(epochs=6, iterations_per_epoch=1, val_iterations=0, patch_size=(16, 24, 16), batch_size=2,
-                     features=[4, 8, 16, 16], amp=False, num_workers=0, early_stopping=2, final_validation=False)
+    tc = TrainConfig(epochs=10, iterations_per_epoch=1, val_iterations=2, patch_size=(16, 24, 16), batch_size=2,
+                     features=[4, 8, 16, 16], amp=False, num_workers=0, early_stopping=2, final_validation=False,
+                     lr=1e-6)
     fd = train_fold(wd, "3d_fullres", 1, tc)
-    assert len(_rows(fd)) == 2
-    assert torch.load(fd / "checkpoint_final.pt", weights_only=False)["run_state"]["stopped_early"]
+    rows = _rows(fd)
+    ema = [float(r["ema_pseudo_dice"]) for r in rows]  # every epoch measured a pseudo-Dice (never empty)
+    assert all(r["mean_pseudo_dice"] != "" for r in rows)
+    # replay the rule on the recorded signal: stop once 2 epochs in a row bring no new best EMA
+    best, since, stop_after = -1.0, 0, None
+    for i, e in enumerate(ema):
+        best, since = (e, 0) if e > best else (best, since + 1)
+        if since >= 2:
+            stop_after = i + 1
+            break
+    assert stop_after is not None and len(rows) == stop_after < 10
+    final = torch.load(fd / "checkpoint_final.pt", weights_only=True)
+    assert final["run_state"]["stopped_early"] and final["run_state"]["best_ema"] == pytest.approx(max(ema))
+    best_ckpt = torch.load(fd / "checkpoint_best.pt", weights_only=True)
+    assert best_ckpt["epoch"] == ema.index(max(ema)) + 1
+
+
+def test_early_stopping_without_a_validation_signal_is_refused(planned, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="needs a validation signal"):
+        TrainConfig(val_iterations=0, early_stopping=3)
+    wd = _copy(planned, tmp_path)
+    assert cli(["train", str(wd), "--fold", "0", "--epochs", "2", "--iterations-per-epoch", "1", *TINY,
+                "--val-iterations", "0", "--early-stopping", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--val-iterations 0 measures no pseudo-Dice" in err and "Traceback" not in err
+    assert not (wd / "results").exists()
+
+
+def test_without_validation_the_best_checkpoint_is_the_final_one(planned, tmp_path):
+    wd = _copy(planned, tmp_path)
+    tc = TrainConfig(epochs=2, iterations_per_epoch=1, val_iterations=0, patch_size=(16, 24, 16), batch_size=2,
+                     features=[4, 8, 16, 16], amp=False, num_workers=0, final_validation=False)
+    fd = train_fold(wd, "3d_fullres", 1, tc)
+    best = torch.load(fd / "checkpoint_best.pt", weights_only=True)
+    final = torch.load(fd / "checkpoint_final.pt", weights_only=True)
+    assert best["epoch"] == final["epoch"] == 2
+    assert all(torch.equal(best["model"][k], v) for k, v in final["model"].items())
+    assert "checkpoint_best.pt holds the final weights" in (fd / "training_log.txt").read_text()
 
 
 def test_time_budget_sizes_the_run(planned, tmp_path):
@@ -255,8 +294,10 @@ def test_a_failing_torch_compile_falls_back_to_eager(planned, tmp_path, monkeypa
                      features=[4, 8, 16, 16], amp=False, num_workers=0, final_validation=False, compile=True)
     fd = train_fold(wd, "3d_fullres", 3, tc)
     log = (fd / "training_log.txt").read_text()
-    assert "torch.compile failed (RuntimeError: InductorError" in log and "channels-last, torch.compile" in log
+    assert "torch.compile failed (RuntimeError: InductorError" in log and "channels-last on, torch.compile on" in log
     assert len(_rows(fd)) == 1 and float(_rows(fd)[0]["train_loss"]) > 0
+    # the checkpoints record what really ran: eager after the fallback
+    assert torch.load(fd / "checkpoint_final.pt", weights_only=True)["runtime"]["compile"] is False
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
@@ -270,7 +311,7 @@ def test_compiled_channels_last_training_runs_and_resumes(planned, tmp_path):
     fd = wd / "results" / "3d_fullres" / "unet" / "fold_0"
     assert cli([*common, "--epochs", "2", "--resume"]) == 0
     log = (fd / "training_log.txt").read_text()
-    assert "channels-last, torch.compile" in log and "torch.compile failed" not in log
+    assert "channels-last on, torch.compile on" in log and "torch.compile failed" not in log
     assert [r["epoch"] for r in _rows(fd)] == ["0", "1"]
     sd = torch.load(fd / "checkpoint_final.pt", weights_only=False)["model"]
     assert not any(k.startswith("_orig_mod") for k in sd)
@@ -307,3 +348,65 @@ def test_a_failure_after_the_first_compiled_step_is_not_hidden(planned, tmp_path
                      features=[4, 8, 16, 16], amp=False, num_workers=0, final_validation=False, compile=True)
     with pytest.raises(RuntimeError, match="a real error on step 2"):
         train_fold(wd, "3d_fullres", 4, tc)
+
+
+def test_fold_all_trains_with_fewer_cases_than_folds(planned, tmp_path, capsys):
+    """3 labelled cases cannot make 5 folds, and the message recommends --fold all: which must then work."""
+    wd = _copy(planned, tmp_path)
+    for d in (wd / "preprocessed").iterdir():
+        for p in sorted(d.glob("hippocampus_*.json"))[3:]:
+            p.unlink()  # the case is no longer in the cache
+    assert len(list((wd / "preprocessed" / "3d_fullres").glob("hippocampus_*.json"))) == 3
+    base = ["train", str(wd), "--epochs", "1", "--iterations-per-epoch", "1", "--num-workers", "0",
+            "--no-final-validation", *TINY]
+    capsys.readouterr()
+    assert cli([*base, "--fold", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "3 cases cannot be split into 5 folds" in err and "--fold all" in err
+    assert cli([*base, "--fold", "all"]) == 0, capsys.readouterr().err
+    fd = wd / "results" / "3d_fullres" / "unet" / "fold_all"
+    assert len(_rows(fd)) == 1 and (fd / "checkpoint_final.pt").is_file()
+    assert not (wd / "splits.json").exists()
+
+
+def test_checkpoint_records_and_log_prints_the_resolved_runtime(planned, tmp_path):
+    wd = _copy(planned, tmp_path)
+    tc = TrainConfig(epochs=1, iterations_per_epoch=1, val_iterations=1, patch_size=(16, 24, 16), batch_size=2,
+                     features=[4, 8, 16, 16], amp=False, num_workers=0, final_validation=False, device="cpu")
+    fd = train_fold(wd, "3d_fullres", 2, tc)
+    want = {"device": "cpu", "precision": "fp32", "channels_last": True, "compile": False, "workers": 0,
+            "world_size": 1}
+    for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"):
+        assert torch.load(fd / name, weights_only=True)["runtime"] == want, name
+    assert "runtime: device cpu, fp32, channels-last on, torch.compile off, 0 data workers" in \
+        (fd / "training_log.txt").read_text()
+
+
+def test_resume_with_other_features_says_what_differs(planned, tmp_path, capsys):
+    wd = _copy(planned, tmp_path)
+    base = ["train", str(wd), "--fold", "0", "--iterations-per-epoch", "1", "--num-workers", "0",
+            "--no-final-validation", *TINY]
+    assert cli([*base, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert cli([*base, "--epochs", "2", "--resume", "--features", "8,8,16,16"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "features: checkpoint [4, 8, 16, 16], this run [8, 8, 16, 16]" in err
+    assert "resume with --features 4,8,16,16" in err and "Traceback" not in err
+    fd = wd / "results" / "3d_fullres" / "unet" / "fold_0"
+    assert torch.load(fd / "checkpoint_latest.pt", weights_only=True)["epoch"] == 1  # untouched
+
+
+def test_a_patch_the_strides_do_not_divide_is_refused_before_anything_runs(planned, tmp_path, capsys):
+    wd = _copy(planned, tmp_path)
+    capsys.readouterr()
+    rc = cli(["train", str(wd), "--fold", "0", "--epochs", "1", "--iterations-per-epoch", "1", "--num-workers", "0",
+              *TINY, "--patch-size", "16,20,17", "--compile"])
+    assert rc == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "axis 1 is 20, not a multiple of 8 (use 16 or 24)" in err
+    assert "axis 2 is 17, not a multiple of 8 (use 16 or 24)" in err and "Try --patch-size 16,24,16" in err
+    assert "torch.compile" not in err and "Traceback" not in err
+    assert not (wd / "results").exists() and not (wd / "splits.json").exists()
+    check_patch_size((16, 24, 16), [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], "3d_fullres")  # fits: no error
+    with pytest.raises(ConfigError, match="axis 0 is 4, not a multiple of 8 \\(use 8\\)"):
+        check_patch_size((4, 8), [[1, 1], [2, 2], [2, 2], [2, 2]], "2d")

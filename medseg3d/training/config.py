@@ -1,12 +1,14 @@
 """What the user chose for a training run (never mixed with what the plan decided).
 
-`TrainConfig` holds design.md's defaults (nnU-Net's recipe); every field has a `medseg3d train`
-flag. Plan overrides (`patch_size`, `batch_size`, `features`) are for tests and benchmarks: they
+`TrainConfig` holds nnU-Net v2's training defaults (docs/training.md, "Recipe"); every field has a
+`medseg3d train` flag. Plan overrides (`patch_size`, `batch_size`, `features`) are for tests and benchmarks: they
 change the run, not `plans.json`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +20,7 @@ OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass
 class TrainConfig:
-    """Training choices; defaults are nnU-Net v2's (design.md, "Training defaults")."""
+    """Training choices; defaults are nnU-Net v2's (docs/training.md, "Recipe")."""
 
     architecture: str | None = None          # None: the plan's `architecture`
     epochs: int = 1000
@@ -75,6 +77,10 @@ class TrainConfig:
             raise ConfigError(f"--oversample-fg must be in [0, 1] (got {self.oversample_fg})")
         if self.early_stopping is not None and self.early_stopping < 1:
             raise ConfigError(f"--early-stopping must be at least 1 epoch (got {self.early_stopping})")
+        if self.early_stopping is not None and self.val_iterations == 0:
+            raise ConfigError(f"--early-stopping {self.early_stopping} needs a validation signal, but "
+                              "--val-iterations 0 measures no pseudo-Dice, so no epoch could ever be a new best; "
+                              "give --val-iterations 1 or more, or drop --early-stopping")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError(f"--time-budget must be positive seconds (got {self.time_budget_s})")
         if self.num_workers is not None and self.num_workers < 0:
@@ -82,3 +88,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_patch_size(patch: Sequence[int], strides: Sequence[Sequence[int]], config_name: str) -> None:
+    """ConfigError unless every axis of `patch` (voxels) is a multiple of the network's total stride there.
+
+    The encoder halves an axis once per stride of 2 along it (`strides`: one per stage), and the
+    decoder's skip connections need the halvings to be exact, so axis a must be divisible by
+    prod(s[a] for s in strides). The message names each bad axis and the two nearest sizes that work.
+    """
+    divisor = [math.prod(int(s[a]) for s in strides) for a in range(len(patch))]
+    bad = [(a, int(p), d) for a, (p, d) in enumerate(zip(patch, divisor)) if int(p) % d]
+    if not bad:
+        return
+    def fits(p: int, d: int) -> str:
+        lower, upper = (p // d) * d, (p // d + 1) * d
+        return f"{lower} or {upper}" if lower > 0 else f"{upper}"
+    axes = "; ".join(f"axis {a} is {p}, not a multiple of {d} (use {fits(p, d)})" for a, p, d in bad)
+    good = ",".join(str(int(p) if int(p) % d == 0 else max(d, (int(p) + d // 2) // d * d)) for p, d in zip(patch, divisor))
+    raise ConfigError(f"--patch-size {','.join(str(int(p)) for p in patch)} does not fit the {config_name} network: "
+                      f"its strides divide each axis by {'x'.join(map(str, divisor))}, and {axes}. "
+                      f"Try --patch-size {good}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -100,3 +101,50 @@ def default_workers(device: torch.device, cpus: int | None = None, gpus_here: in
     cpus = cpus or os.cpu_count() or 1
     gpus_here = gpus_here or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(12, cpus // max(1, gpus_here) - 1))
+
+
+@dataclass
+class Runtime:
+    """The resolved execution choices of one training process (what `resolve_runtime` decided).
+
+    Recorded in every checkpoint as `runtime` (`to_dict`) and printed in the train log (`describe`).
+    `compile` turns False when the compiled model's first step fails and training goes on eager.
+    """
+
+    device: torch.device
+    amp_dtype: torch.dtype | None      # autocast dtype; None: fp32
+    scaler: Any                        # torch.amp.GradScaler (fp16 on GPUs without bf16) or None
+    channels_last: bool
+    compile: bool
+    workers: int                       # augmentation worker processes of this training process
+    world_size: int = 1                # DDP processes
+
+    @property
+    def precision(self) -> str:
+        """`fp32`, `bf16 AMP` or `fp16 AMP + GradScaler`."""
+        if self.amp_dtype is None:
+            return "fp32"
+        name = str(self.amp_dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
+        return f"{name} AMP" + (" + GradScaler" if self.scaler is not None else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the checkpoint: device, precision, channels_last, compile, workers, world_size."""
+        return {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
+                "compile": self.compile, "workers": self.workers, "world_size": self.world_size}
+
+    def describe(self) -> str:
+        """One log line, e.g. `device cpu, fp32, channels-last on, torch.compile off, 1 data worker`."""
+        return (f"device {self.device}, {self.precision}, channels-last {'on' if self.channels_last else 'off'}, "
+                f"torch.compile {'on' if self.compile else 'off'}, {self.workers} data worker"
+                f"{'' if self.workers == 1 else 's'}" + (f", {self.world_size} DDP processes"
+                                                         if self.world_size > 1 else ""))
+
+
+def resolve_runtime(tc: TrainConfig, device: torch.device, dims: int, world_size: int = 1) -> Runtime:
+    """Every execution choice of a run on `device` for a `dims`-D configuration: the user's, else the default."""
+    amp_dtype, scaler = amp_setup(device, tc.amp)
+    return Runtime(device=device, amp_dtype=amp_dtype, scaler=scaler,
+                   channels_last=use_channels_last(tc, device, dims, amp_dtype),
+                   compile=use_compile(tc, device, dims, amp_dtype),
+                   workers=tc.num_workers if tc.num_workers is not None else default_workers(device),
+                   world_size=world_size)

@@ -85,14 +85,51 @@ def save(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer | None, sc
     save_checkpoint(path, make_payload(net, optimizer, scaler, state, meta))
 
 
+#: What `--resume` must find unchanged in the network: checkpoint key -> the `medseg3d train` flag that sets it.
+NETWORK_FLAGS = {"architecture": "--arch", "network_kwargs": "--features", "in_channels": None, "num_classes": None}
+
+
+def network_differences(ckpt: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """How the network `meta` describes (this run) differs from the one `ckpt` was trained as, one line each."""
+    out = []
+    for key, flag in NETWORK_FLAGS.items():
+        old, new = ckpt.get(key), meta.get(key)
+        if key == "network_kwargs" and isinstance(old, dict) and isinstance(new, dict):
+            for k in sorted(set(old) | set(new)):
+                if _plain(old.get(k)) != _plain(new.get(k)):
+                    how = f" (resume with --features {','.join(map(str, old[k]))})" if k == "features" else ""
+                    out.append(f"{k}: checkpoint {_plain(old.get(k))}, this run {_plain(new.get(k))}{how}")
+        elif _plain(old) != _plain(new):
+            out.append(f"{key}: checkpoint {old}, this run {new}" + (f" (resume with {flag} {old})" if flag else ""))
+    return out
+
+
+def _plain(v: Any) -> Any:
+    """Tuples as lists, so a value compares equal however it travelled (JSON, pickle)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
 def resume(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, plan_identity: dict[str, Any],
-           device: torch.device) -> RunState:
+           device: torch.device, meta: dict[str, Any] | None = None) -> RunState:
     """Restore weights, optimiser, scaler, random states and run state from `path`.
 
-    CheckpointError (from `load_checkpoint`) when the file is truncated/corrupt or of another plan.
+    CheckpointError (from `load_checkpoint`) when the file is truncated/corrupt or of another plan;
+    and, with `meta` (this run's checkpoint description), when the network it asks for differs from
+    the checkpoint's (`--arch`, `--features`): the message lists what differs and how to resume.
     """
     ckpt = load_checkpoint(path, expected_plan=plan_identity, map_location=device)
-    net.load_state_dict(ckpt["model"])
+    diffs = network_differences(ckpt, meta) if meta is not None else []
+    if diffs:
+        raise CheckpointError(f"{path} was trained as another network than this run asks for: {'; '.join(diffs)}. "
+                              "Resume with the flags it was trained with, or train without --resume into "
+                              "another WORK_DIR (or delete the fold folder) to start this network afresh")
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} holds weights that do not fit this run's network ({str(exc).splitlines()[0]}); "
+                              "resume with the --arch/--features it was trained with, or start the fold afresh") from exc
     saved_opt = (ckpt.get("train_config") or {}).get("optimizer", "sgd")
     wanted = "adamw" if isinstance(optimizer, torch.optim.AdamW) else "sgd"
     if ckpt.get("optimizer") is not None and saved_opt != wanted:

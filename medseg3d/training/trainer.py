@@ -1,11 +1,13 @@
 """The training loop of one fold: `train_fold(work_dir, config_name, fold, train_config) -> fold folder`.
 
-Recipe (design.md): SGD Nesterov (lr 0.01, momentum 0.99, wd 3e-5), poly lr (exponent 0.9),
+Recipe (docs/training.md, "Recipe"): SGD Nesterov (lr 0.01, momentum 0.99, wd 3e-5), poly lr (exponent 0.9),
 Dice + CE with deep supervision, gradient clipping at 12, AMP (bf16 on CPU and on CUDA where
 supported, else fp16 + GradScaler), a third of each batch on foreground, batched augmentation in
 persistent worker processes (device, precision, memory format, compilation and worker count are
 chosen in `medseg3d.training.runtime`). Every epoch: validation pseudo-Dice on patches, its EMA picks
 `checkpoint_best.pt`, `checkpoint_latest.pt` + metrics.csv + progress.png are rewritten atomically.
+A run without a validation signal (`--val-iterations 0`) has no best epoch: its `checkpoint_best.pt`
+is the final weights.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ from medseg3d.errors import ConfigError, MedsegError, OutputExistsError, PlanErr
 from medseg3d.logging_utils import add_file_log, console
 from medseg3d.paths import fold_dir_of
 from medseg3d.training import state as st
-from medseg3d.training.config import TrainConfig
+from medseg3d.training.config import TrainConfig, check_patch_size
 from medseg3d.training.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -40,16 +43,26 @@ from medseg3d.training.distributed import (
     init_distributed,
 )
 from medseg3d.training.logger import write_epoch_artifacts
-from medseg3d.training.runtime import (
-    amp_setup,
-    default_workers,
-    resolve_device,
-    use_channels_last,
-    use_compile,
-)
+from medseg3d.training.runtime import Runtime, resolve_device, resolve_runtime
 from medseg3d.training.validation import confusion_counts, dice_from_counts, final_validation
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Loop:
+    """What the epoch loop needs besides the config and the run state (built once per run by `_train`)."""
+
+    model: torch.nn.Module          # what trains: `net`, compiled and/or DDP-wrapped
+    net: torch.nn.Module            # the plain network (validation, checkpoints)
+    opt: torch.optim.Optimizer
+    runtime: Runtime                # device, precision + scaler, channels-last, compile, workers
+    loss_fn: torch.nn.Module        # deep-supervised Dice + CE on the training outputs
+    val_loss_fn: torch.nn.Module    # Dice + CE on the full-resolution validation logits
+    num_classes: int                # K, background included
+    info: DistInfo
+    meta: dict[str, Any]            # the checkpoint's description of the run (plan, network, runtime)
+    compile_proven: bool = False    # the compiled model has run a step: later errors are real errors
 
 
 def make_optimizer(net: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -106,12 +119,26 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
     from medseg3d.networks import build_network
 
     device = resolve_device(tc.device, info)
+    # the network and patch this run asks for, checked before anything is written or built
+    kwargs = cfg.network_kwargs()
+    if tc.features is not None:
+        if len(tc.features) != len(kwargs["features"]):
+            raise ConfigError(f"--features needs {len(kwargs['features'])} values for {config_name} (one per stage), "
+                              f"got {len(tc.features)}")
+        kwargs["features"] = [int(f) for f in tc.features]
+    patch = tuple(int(p) for p in (tc.patch_size or cfg.patch_size))
+    if len(patch) != cfg.dims:
+        raise ConfigError(f"--patch-size {','.join(map(str, patch))} has {len(patch)} values; configuration "
+                          f"{config_name} is {cfg.dims}D")
+    check_patch_size(patch, kwargs["strides"], config_name)
     all_cases = _train_cases(work_dir, cfg.data_identifier)
-    if info.is_main:
-        splits = load_or_create_splits(work_dir, all_cases, tc.n_folds, write=str(fold) != "all")
-    barrier(info)
-    if not info.is_main:
-        splits = load_or_create_splits(work_dir, all_cases, tc.n_folds, write=False)
+    splits: list[dict[str, list[str]]] = []  # --fold all trains on every case: no split, any number of cases
+    if str(fold) != "all":
+        if info.is_main:
+            splits = load_or_create_splits(work_dir, all_cases, tc.n_folds)
+        barrier(info)
+        if not info.is_main:
+            splits = load_or_create_splits(work_dir, all_cases, tc.n_folds, write=False)
     train_cases, val_cases = fold_cases(splits, fold, all_cases)
     fold_dir = fold_dir_of(work_dir, config_name, arch, fold)
     latest = fold_dir / "checkpoint_latest.pt"
@@ -123,15 +150,6 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
     handler = add_file_log(fold_dir / "training_log.txt") if info.is_main else None
     try:
         st.seed_everything(tc.seed + 1000 * info.rank)
-        kwargs = cfg.network_kwargs()
-        if tc.features is not None:
-            if len(tc.features) != len(kwargs["features"]):
-                raise ConfigError(f"features override needs {len(kwargs['features'])} values (one per stage), "
-                                  f"got {len(tc.features)}")
-            kwargs["features"] = [int(f) for f in tc.features]
-        patch = tuple(int(p) for p in (tc.patch_size or cfg.patch_size))
-        if len(patch) != cfg.dims:
-            raise ConfigError(f"patch size {patch} has {len(patch)} values; configuration {config_name} is {cfg.dims}D")
         batch = int(tc.batch_size or cfg.batch_size)
         rank_batch = max(1, batch // info.world_size) if info.enabled else batch
         num_classes = plans.num_classes
@@ -139,40 +157,35 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
                             **kwargs).to(device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        amp_dtype, scaler = amp_setup(device, tc.amp)
-        channels_last = use_channels_last(tc, device, cfg.dims, amp_dtype)
-        if channels_last:
+        runtime = resolve_runtime(tc, device, cfg.dims, info.world_size)
+        if runtime.channels_last:
             net = net.to(memory_format=torch.channels_last_3d if cfg.dims == 3 else torch.channels_last)
         opt = make_optimizer(net, tc)
         meta = {"plan_hash": plans.network_hash(config_name), "plan_identity": plans.network_identity(config_name),
                 "configuration": config_name, "architecture": arch,
                 "network_kwargs": kwargs, "in_channels": plans.num_channels, "num_classes": num_classes,
-                "fold": str(fold), "patch_size": list(patch), "train_config": tc.to_dict()}
+                "fold": str(fold), "patch_size": list(patch), "train_config": tc.to_dict(),
+                "runtime": runtime.to_dict()}
         state = st.RunState()
         if tc.resume:
             if latest.exists():
-                state = st.resume(latest, net, opt, scaler, plans.network_identity(config_name), device)
+                state = st.resume(latest, net, opt, runtime.scaler, plans.network_identity(config_name), device,
+                                  meta)
             else:
                 log.warning("--resume: no %s yet, starting this fold from epoch 0", latest)
         model: torch.nn.Module = net
-        compiled = use_compile(tc, device, cfg.dims, amp_dtype)
-        if compiled:
+        if runtime.compile:
             model = torch.compile(net)
         if info.enabled:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         loss_fn = DeepSupervisionLoss(DiceCELoss())
         val_loss_fn = DiceCELoss()
-        log.info("fold %s of %s/%s: %d training, %d validation cases; patch %s, batch %d%s, %s, %s, %s, "
-                 "device %s%s",
+        log.info("fold %s of %s/%s: %d training, %d validation cases; patch %s, batch %d%s, %s, %s",
                  fold, config_name, arch, len(train_cases), len(val_cases), patch, batch,
                  f" ({rank_batch}/rank x {info.world_size})" if info.enabled else "",
-                 f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters",
-                 "fp32 (no AMP)" if amp_dtype is None else f"AMP {str(amp_dtype).replace('torch.', '')}",
-                 tc.optimizer, device,
-                 "".join(f", {w}" for w, on in (("channels-last", channels_last), ("torch.compile", compiled))
-                         if on))
-        workers = tc.num_workers if tc.num_workers is not None else default_workers(device)
+                 f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters", tc.optimizer)
+        log.info("runtime: %s", runtime.describe())
         # a resumed run gets fresh (but reproducible) data streams: seeded by epoch and rank too
         stream_seed = [tc.seed, info.rank, state.epoch]
         train_spec = StreamSpec(work_dir, cfg.data_identifier, train_cases, patch, rank_batch, cfg.slice_axis,
@@ -182,14 +195,18 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
                               cfg.slice_axis, tc.oversample_fg, None,
                               seed=int(np.random.SeedSequence(stream_seed + [7]).generate_state(1)[0]))
         if state.epoch < tc.epochs and not state.stopped_early:
-            train_iter = iter(make_loader(train_spec, workers, pin_memory=device.type == "cuda"))
+            train_iter = iter(make_loader(train_spec, runtime.workers, pin_memory=device.type == "cuda"))
             val_iter = iter(make_loader(val_spec, 0))
-            ctx = dict(model=model, net=net, opt=opt, scaler=scaler, amp_dtype=amp_dtype, device=device,
-                       loss_fn=loss_fn, val_loss_fn=val_loss_fn, num_classes=num_classes, info=info, meta=meta,
-                       channels_last=channels_last, compiled=compiled, compile_proven=False)
-            _epochs(state, tc, fold_dir, train_iter, val_iter, plans, ctx)
+            loop = _Loop(model=model, net=net, opt=opt, runtime=runtime, loss_fn=loss_fn, val_loss_fn=val_loss_fn,
+                         num_classes=num_classes, info=info, meta=meta)
+            _epochs(state, tc, fold_dir, train_iter, val_iter, plans, loop)
         if info.is_main:
             st.save(fold_dir / "checkpoint_final.pt", net, None, None, state, meta)
+            if not (fold_dir / "checkpoint_best.pt").exists():
+                # no epoch had a pseudo-Dice (--val-iterations 0): the best defined is the final weights
+                st.save(fold_dir / "checkpoint_best.pt", net, None, None, state, meta)
+                log.info("no validation pseudo-Dice was measured (--val-iterations %d): checkpoint_best.pt holds "
+                         "the final weights", tc.val_iterations)
             if tc.final_validation and val_cases:
                 final_validation(net, work_dir, plans, config_name, val_cases, fold_dir / "validation", device,
                                  step=tc.val_step, mirroring=tc.val_mirroring)
@@ -202,9 +219,10 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
 
 
 def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any, val_iter: Any, plans: Any,
-            ctx: dict[str, Any]) -> None:
-    info: DistInfo = ctx["info"]
-    labels = [plans.labels.get(c, str(c)) for c in range(1, ctx["num_classes"])]
+            loop: _Loop) -> None:
+    info = loop.info
+    device = loop.runtime.device
+    labels = [plans.labels.get(c, str(c)) for c in range(1, loop.num_classes)]
     columns = [TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
     run_start, requested_epochs = time.perf_counter(), tc.epochs
@@ -213,14 +231,14 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
         while state.epoch < tc.epochs:
             epoch = state.epoch
             lr = poly_lr(tc.lr, epoch, tc.epochs, tc.poly_exponent)
-            for g in ctx["opt"].param_groups:
+            for g in loop.opt.param_groups:
                 g["lr"] = lr
             task = bar.add_task("train", total=tc.iterations_per_epoch, epoch=epoch, loss=float("nan"))
             t0 = time.perf_counter()
-            train_loss, wait = _train_epoch(tc, train_iter, ctx, bar, task)
+            train_loss, wait = _train_epoch(tc, train_iter, loop, bar, task)
             train_time = time.perf_counter() - t0
             bar.remove_task(task)
-            val_loss, counts = _validate(tc, val_iter, ctx)
+            val_loss, counts = _validate(tc, val_iter, loop)
             epoch_time = time.perf_counter() - t0
             dice = dice_from_counts(counts) if counts is not None else []
             finite = [d for d in dice if not math.isnan(d)]
@@ -243,14 +261,14 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
             else:
                 state.epochs_since_best += 1
             stop = tc.early_stopping is not None and state.epochs_since_best >= tc.early_stopping
-            stop = broadcast_flag(stop, info, ctx["device"])
+            stop = broadcast_flag(stop, info, device)
             state.stopped_early = stop and state.epoch < tc.epochs
             if info.is_main:
                 if improved:
-                    st.save(fold_dir / "checkpoint_best.pt", ctx["net"], None, None, state, ctx["meta"])
+                    st.save(fold_dir / "checkpoint_best.pt", loop.net, None, None, state, loop.meta)
                 if state.epoch % tc.save_every == 0 or state.epoch == tc.epochs or stop:
-                    st.save(fold_dir / "checkpoint_latest.pt", ctx["net"], ctx["opt"], ctx["scaler"], state,
-                            ctx["meta"])
+                    st.save(fold_dir / "checkpoint_latest.pt", loop.net, loop.opt, loop.runtime.scaler, state,
+                            loop.meta)
                 write_epoch_artifacts(state.history, fold_dir)
                 log.info("epoch %d/%d: train loss %.4f, val loss %s, pseudo-Dice %s (EMA %s), lr %.2e, %.1f s, "
                          "data wait %.1f%%", epoch + 1, tc.epochs, train_loss,
@@ -261,7 +279,7 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
             epoch_times.append(epoch_time)
             if tc.time_budget_s is not None:
                 _fit_budget(tc, state, time.perf_counter() - run_start, epoch_times, requested_epochs, info,
-                            ctx["device"])
+                            device)
             if stop:
                 log.info("early stopping: no new best EMA pseudo-Dice for %d epochs", tc.early_stopping)
                 break
@@ -293,15 +311,16 @@ def _fit_budget(tc: TrainConfig, state: st.RunState, elapsed: float, epoch_times
         tc.epochs = new
 
 
-def _autocast(ctx: dict[str, Any]) -> Any:
-    dt = ctx["amp_dtype"]
-    return torch.autocast(ctx["device"].type, dtype=dt) if dt is not None else nullcontext()
+def _autocast(runtime: Runtime) -> Any:
+    dt = runtime.amp_dtype
+    return torch.autocast(runtime.device.type, dtype=dt) if dt is not None else nullcontext()
 
 
-def _train_epoch(tc: TrainConfig, it: Any, ctx: dict[str, Any], bar: Progress, task: Any) -> tuple[float, float]:
+def _train_epoch(tc: TrainConfig, it: Any, loop: _Loop, bar: Progress, task: Any) -> tuple[float, float]:
     """Run one epoch of iterations; returns (mean train loss over ranks, seconds spent waiting for data)."""
-    device = ctx["device"]
-    ctx["model"].train()
+    runtime = loop.runtime
+    device = runtime.device
+    loop.model.train()
     total = torch.zeros((), device=device)
     wait = 0.0
     for _ in range(tc.iterations_per_epoch):
@@ -309,36 +328,37 @@ def _train_epoch(tc: TrainConfig, it: Any, ctx: dict[str, Any], bar: Progress, t
         image, label = next_batch(it)
         image = image.to(device, non_blocking=True)
         label = label.to(device, non_blocking=True)
-        if ctx["channels_last"]:
+        if runtime.channels_last:
             fmt = torch.channels_last_3d if image.dim() == 5 else torch.channels_last
             image = image.contiguous(memory_format=fmt)
         wait += time.perf_counter() - t
         try:
-            loss = _train_step(tc, ctx, image, label)
+            loss = _train_step(tc, loop, image, label)
         except MedsegError:
             raise
         except Exception as e:  # the compiled model's first step failed (no C++ toolchain, inductor bug): go eager
-            if not ctx["compiled"] or ctx["compile_proven"] or ctx["info"].enabled:
+            if not runtime.compile or loop.compile_proven or loop.info.enabled:
                 raise
             log.warning("torch.compile failed (%s: %s); training continues without it (--no-compile skips it)",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            ctx["model"], ctx["compiled"] = ctx["net"], False
-            loss = _train_step(tc, ctx, image, label)
-        ctx["compile_proven"] = ctx["compiled"]  # later failures are real errors, not the compiler's
+            loop.model, runtime.compile = loop.net, False
+            loop.meta["runtime"] = runtime.to_dict()  # checkpoints record what really ran
+            loss = _train_step(tc, loop, image, label)
+        loop.compile_proven = runtime.compile  # later failures are real errors, not the compiler's
         total += loss.detach()
         bar.update(task, advance=1, loss=float(loss.detach()))
-    mean = all_reduce_mean(total / tc.iterations_per_epoch, ctx["info"])
+    mean = all_reduce_mean(total / tc.iterations_per_epoch, loop.info)
     return float(mean), wait
 
 
-def _train_step(tc: TrainConfig, ctx: dict[str, Any], image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """One optimiser step on a batch; returns the (deep-supervised) loss."""
-    model, opt, scaler = ctx["model"], ctx["opt"], ctx["scaler"]
+def _train_step(tc: TrainConfig, loop: _Loop, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """One optimiser step on a batch `(B, C, *patch)` / `(B, 1, *patch)`; returns the (deep-supervised) loss."""
+    model, opt, scaler = loop.model, loop.opt, loop.runtime.scaler
     opt.zero_grad(set_to_none=True)
-    with _autocast(ctx):
+    with _autocast(loop.runtime):
         outputs = model(image)
-    loss = ctx["loss_fn"](outputs, label)
-    if ctx["info"].enabled and isinstance(outputs, (list, tuple)):
+    loss = loop.loss_fn(outputs, label)
+    if loop.info.enabled and isinstance(outputs, (list, tuple)):
         # outputs with deep-supervision weight 0 get no gradient; DDP needs every parameter in the graph
         loss = loss + 0.0 * sum(o.float().sum() for o in outputs[1:])
     if scaler is not None:
@@ -355,24 +375,24 @@ def _train_step(tc: TrainConfig, ctx: dict[str, Any], image: torch.Tensor, label
 
 
 @torch.no_grad()
-def _validate(tc: TrainConfig, it: Any, ctx: dict[str, Any]) -> tuple[float | None, torch.Tensor | None]:
+def _validate(tc: TrainConfig, it: Any, loop: _Loop) -> tuple[float | None, torch.Tensor | None]:
     """Loss and `(3, K-1)` tp/fp/fn over `val_iterations` validation patches (summed over ranks)."""
     if tc.val_iterations == 0:
         return None, None
-    net, device, k = ctx["net"], ctx["device"], ctx["num_classes"]
+    net, device, k = loop.net, loop.runtime.device, loop.num_classes
     net.eval()
     counts = torch.zeros(3, k - 1, dtype=torch.float64, device=device)
     loss = torch.zeros((), device=device)
     for _ in range(tc.val_iterations):
         image, label = next_batch(it)
         image, label = image.to(device), label.to(device)
-        with _autocast(ctx):
+        with _autocast(loop.runtime):
             logits = net(image)
         if isinstance(logits, (list, tuple)):
             logits = logits[0]
         logits = logits.float()
-        loss += ctx["val_loss_fn"](logits, label)
+        loss += loop.val_loss_fn(logits, label)
         counts += confusion_counts(logits, label, k)
     net.train()
-    info = ctx["info"]
+    info = loop.info
     return float(all_reduce_mean(loss / tc.val_iterations, info)), all_reduce_sum(counts, info)
