@@ -18,10 +18,11 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from medseg3d.device import resolve_device
 from medseg3d.errors import CheckpointError, InputError, MedsegError
 from medseg3d.inference.checkpoint import build_model_from_checkpoint, load_checkpoint
 from medseg3d.inference.writer import output_path, write_probabilities, write_segmentation
-from medseg3d.inference.predictor import predict_case, resolve_device
+from medseg3d.inference.predictor import predict_case
 from medseg3d.io.volume import Volume
 from medseg3d.logging_utils import console
 from medseg3d.paths import model_dir_of

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg3d.device import resolve_device
 from medseg3d.errors import InputError
 from medseg3d.inference.sliding_window import sliding_window_slabs
 from medseg3d.preprocess.crop import uncrop
@@ -39,22 +40,9 @@ __all__ = [
     "predict_case",
     "probabilities_to_seg",
     "resolve_amp",
-    "resolve_device",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto` -> CUDA when available, else CPU; `cuda` without a GPU -> InputError."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise InputError(f"unknown device {name!r}; use auto, cuda or cpu")
-    return torch.device(name)
 
 
 def resolve_amp(precision: str, device: torch.device) -> torch.dtype | None:

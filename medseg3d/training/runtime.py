@@ -15,20 +15,7 @@ from typing import Any
 
 import torch
 
-from medseg3d.errors import ConfigError
 from medseg3d.training.config import TrainConfig
-from medseg3d.training.distributed import DistInfo
-
-
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    """auto -> CUDA when available else CPU; under DDP on CUDA the rank's LOCAL_RANK GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
-        return torch.device("cuda", info.local_rank) if info.enabled else torch.device(name)
-    return torch.device("cpu")
 
 
 def amp_setup(device: torch.device, enabled: bool | None) -> tuple[torch.dtype | None, Any]:

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medseg3d.data.augment import augment_params_for
 from medseg3d.data.loader import StreamSpec, make_loader, next_batch
 from medseg3d.data.splits import fold_cases, load_or_create_splits
+from medseg3d.device import resolve_device
 from medseg3d.errors import ConfigError, MedsegError, OutputExistsError, PlanError
 from medseg3d.logging_utils import add_file_log, console
 from medseg3d.paths import fold_dir_of
@@ -43,7 +44,7 @@ from medseg3d.training.distributed import (
     init_distributed,
 )
 from medseg3d.training.logger import write_epoch_artifacts
-from medseg3d.training.runtime import Runtime, resolve_device, resolve_runtime
+from medseg3d.training.runtime import Runtime, resolve_runtime
 from medseg3d.training.validation import confusion_counts, dice_from_counts, final_validation
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
     from medseg3d.losses import DeepSupervisionLoss, DiceCELoss
     from medseg3d.networks import build_network
 
-    device = resolve_device(tc.device, info)
+    device = resolve_device(tc.device, info.local_rank if info.enabled else None)
     # the network and patch this run asks for, checked before anything is written or built
     kwargs = cfg.network_kwargs()
     if tc.features is not None:
