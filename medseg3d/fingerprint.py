@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from medseg3d.geometry import bounding_box
 from medseg3d.io import Case, DatasetSpec, read_label, read_volume
 from medseg3d.io.atomic import write_json_atomic
 
@@ -46,16 +47,13 @@ def parallel_map(fn: Callable[[T], R], items: list[T], workers: int, description
 def _crop_to_nonzero(data: np.ndarray, seg: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Crop `(C, X, Y, Z)` (and `(X, Y, Z)`) to the bounding box of voxels non-zero in any channel.
 
-    Same rule as `medseg3d.preprocess.crop`, restated here so imports point down the data flow.
+    The box of `medseg3d.geometry.bounding_box`, as `medseg3d.preprocess.crop` crops (fingerprinting
+    comes before preprocessing in the data flow, so it does not import it).
     """
-    mask = np.any(data != 0, axis=0)
-    if not mask.any():
+    box = bounding_box(np.any(data != 0, axis=0))
+    if box is None:
         return data, seg
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return data[(slice(None), *box)], (None if seg is None else seg[tuple(box)])
+    return data[(slice(None), *box)], (None if seg is None else seg[box])
 
 
 def case_fingerprint(case: Case, num_samples: int = 10_000, seed: int = 1234) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Voxel-grid rules shared by planning, preprocessing and augmentation (the one home of each).
 
-Per-axis sequences are in array axis order `(X, Y, Z)`; spacings in mm. No numpy-heavy work here:
-`medseg3d.plans` and `medseg3d.preprocess` both import it, so it imports neither.
+Per-axis sequences are in array axis order `(X, Y, Z)`; spacings in mm. `medseg3d.fingerprint`,
+`medseg3d.plans`, `medseg3d.preprocess` and `medseg3d.evaluation` all import it, so it imports none of them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def compute_new_shape(
 ) -> tuple[int, ...]:
     """Shape (voxels) after resampling from `spacing` to `new_spacing` (mm), rounded, at least 1."""
     return tuple(
-        max(1, int(round(s * sp / nsp))) for s, sp, nsp in zip(shape, spacing, new_spacing, strict=True)
+        max(1, int(round(s * sp / nsp))) for s, sp, nsp in zip(shape, spacing, new_spacing, strict=True)  # noqa: RUF046
     )
 
 
@@ -39,6 +39,21 @@ def separate_axis_for(spacing: Sequence[float], new_spacing: Sequence[float]) ->
         if axis is not None:
             return axis
     return None
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Smallest box (one `slice` per axis, `[lo, hi)` voxels) holding every True voxel of `mask`; None when empty.
+
+    The one bounding box of medseg3d: the non-zero crop (fingerprint, preprocessing), HD95's surface
+    box and the postprocessing's component search all use it.
+    """
+    box = []
+    for axis in range(mask.ndim):
+        idx = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if idx.size == 0:
+            return None
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)
 
 
 def dummy_2d_axis(patch_size: Sequence[int]) -> int | None:

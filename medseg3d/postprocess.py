@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg3d.errors import InputError
+from medseg3d.geometry import bounding_box
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 def remove_all_but_largest(seg: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Copy of `seg` with every voxel of `mask` outside its largest component set to 0."""
     mask = np.asarray(mask, dtype=bool)
-    box = _bbox(mask)
+    box = bounding_box(mask)  # labelling only the box finds the same components on far fewer voxels
     out = seg.copy()
     if box is None:
         return out
@@ -56,12 +57,6 @@ def remove_all_but_largest(seg: np.ndarray, mask: np.ndarray) -> np.ndarray:
     region = out[box]
     region[sub & ~keep] = 0
     return out
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of `mask` (labelling only it finds the same components on far fewer voxels)."""
-    box = ndimage.find_objects(mask.astype(np.uint8))
-    return box[0] if box and box[0] is not None else None
 
 
 def apply_postprocessing(seg: np.ndarray, decision: dict | None) -> np.ndarray:

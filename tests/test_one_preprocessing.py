@@ -199,7 +199,7 @@ def test_2d_keeps_each_cases_slice_spacing(tmp_path, monkeypatch):
     assert c2.slice_axis == 2 and c2.data_identifier == "2d" != c3.data_identifier
     for case, z in zip(load_dataset(data).cases, (3.0, 4.0, 5.0)):
         d2, _, p2 = load_case(wd, "2d", case.name, mmap=False)
-        d3, _, p3 = load_case(wd, "3d_fullres", case.name, mmap=False)
+        _, _, p3 = load_case(wd, "3d_fullres", case.name, mmap=False)
         assert p2["spacing"][2] == z and p2["shape_after_resample"][2] == p2["shape_after_crop"][2]
         assert p2["spacing"][:2] == list(c3.spacing[:2])
         assert p3["spacing"] == list(c3.spacing)

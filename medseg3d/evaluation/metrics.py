@@ -29,6 +29,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from medseg3d.geometry import bounding_box
+
 #: Per-class keys of a case result, in table/CSV order.
 CLASS_KEYS = (
     "dice", "iou", "hd95", "precision", "recall", "tp", "fp", "fn",
@@ -94,18 +96,6 @@ def overlap_metrics(tp: int, fp: int, fn: int) -> dict[str, float]:
         "precision": _ratio(tp, tp + fp, empty),
         "recall": _ratio(tp, tp + fn, empty),
     }
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Smallest box `(slice per axis)` holding every True voxel of `mask`, or None when it is empty."""
-    box = []
-    for axis in range(mask.ndim):
-        any_along = np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis))
-        idx = np.flatnonzero(any_along)
-        if idx.size == 0:
-            return None
-        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(box)
 
 
 def _grow(box: tuple[slice, ...], shape: tuple[int, ...], margin: int) -> tuple[slice, ...]:

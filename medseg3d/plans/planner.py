@@ -18,10 +18,10 @@ import numpy as np
 
 from medseg3d import __version__
 from medseg3d.errors import ConfigError, PlanError
+from medseg3d.geometry import anisotropic_axis, compute_new_shape
 from medseg3d.plans import rules
 from medseg3d.plans.memory import GIB, make_memory_fn
 from medseg3d.plans.schema import SCHEMA_VERSION, Plans
-from medseg3d.geometry import anisotropic_axis, compute_new_shape
 
 log = logging.getLogger(__name__)
 

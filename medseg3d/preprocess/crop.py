@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from medseg3d.geometry import bounding_box
+
 
 def bbox_of_mask(mask: np.ndarray) -> list[list[int]]:
-    """Per-axis `[lo, hi)` of the True voxels; the whole array when the mask is empty."""
-    if not mask.any():
+    """Per-axis `[lo, hi)` of the True voxels (`geometry.bounding_box` as JSON-able lists); the whole
+    array when the mask is empty."""
+    box = bounding_box(mask)
+    if box is None:
         return [[0, int(s)] for s in mask.shape]
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hit = np.flatnonzero(np.any(mask, axis=other))
-        box.append([int(hit[0]), int(hit[-1]) + 1])
-    return box
+    return [[s.start, s.stop] for s in box]
 
 
 def crop_to_bbox(array: np.ndarray, bbox: list[list[int]]) -> np.ndarray:
