@@ -1,8 +1,9 @@
 """The `medseg3d` command line: a thin typer layer over the stage functions.
 
 Every command lives in `medseg3d/commands/<name>.py` and registers itself on `app`. Errors of the
-project's own (`MedsegError`) become one readable message and exit code 2; `--debug` anywhere on the
-command line shows the traceback instead.
+project's own (`MedsegError`), CUDA running out of memory (the message says which options to lower)
+and permission / read-only / full-disk errors (naming the path) become one readable message and exit
+code 2 (`medseg3d.errors.user_error`); `--debug` anywhere on the command line shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import typer
 
 from medseg3d import __version__
-from medseg3d.errors import MedsegError
+from medseg3d.errors import user_error
 
 app = typer.Typer(
     name="medseg3d",
@@ -63,14 +64,21 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     try:
         app(args=args, prog_name="medseg3d")  # standalone: usage errors exit 2 the way typer does
-    except MedsegError as exc:
-        if debug:
-            raise
-        typer.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
         sys.exit(130)
+    except Exception as exc:
+        known = None if debug else user_error(exc, _command_of(args))
+        if known is None:
+            raise
+        typer.echo(f"Error: {known}", err=True)
+        sys.exit(2)
+
+
+def _command_of(args: list[str]) -> str | None:
+    """The subcommand named on the command line (`train`, `predict`, ...), or None."""
+    return next((a for a in args if not a.startswith("-")), None)
+
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ import numpy as np
 from medseg3d.geometry import bounding_box
 from medseg3d.io import Case, DatasetSpec, read_label, read_volume
 from medseg3d.io.atomic import write_json_atomic
+from medseg3d.workers import resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,15 @@ R = TypeVar("R")
 
 
 def parallel_map(fn: Callable[[T], R], items: list[T], workers: int, description: str) -> list[R]:
-    """`[fn(i) for i in items]` over `workers` processes (fork where available), with a progress bar."""
+    """`[fn(i) for i in items]` over `workers` processes (fork where available), with a progress bar.
+
+    `workers` 0 or 1 runs in this process; a negative count raises `InputError`.
+    """
     from rich.progress import track
 
     from medseg3d.logging_utils import console
 
+    workers = resolve_workers(workers, 1)
     if workers <= 1 or len(items) <= 1:
         return [fn(i) for i in track(items, description=description, console=console, transient=True)]
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None

@@ -16,7 +16,7 @@ from scipy import ndimage
 from medseg3d.cli import main
 from medseg3d.errors import DatasetError
 from medseg3d.evaluation.crossval import evaluate_crossval
-from medseg3d.evaluation.evaluate import evaluate_folders, match_cases
+from medseg3d.evaluation.evaluate import EvaluationError, evaluate_folders, match_cases
 from medseg3d.plans.schema import CONFIG_KEYS
 from medseg3d.postprocess import load_postprocessing
 from tests._synth import SHIPPED
@@ -114,20 +114,20 @@ def test_geometry_mismatches_are_reported_by_case(tmp_path):
     _label_copy(refs[1], pred / refs[1].name, affine=scaled)  # spacing
     _label_copy(refs[2], pred / refs[2].name, data=np.zeros((5, 5, 5), np.uint8))  # shape
     _label_copy(refs[3], pred / refs[3].name)  # fine
-    with pytest.raises(DatasetError) as info:
+    with pytest.raises(EvaluationError) as info:
         evaluate_folders(pred, LABELS, workers=2)
-    problems = {p.case: p.what for p in info.value.problems}
+    problems = dict(info.value.failed)
     names = [r.name.replace(".nii.gz", "") for r in refs]
     assert set(problems) == set(names[:3])
     assert "origin" in problems[names[0]] and "spacing" in problems[names[1]] and "shape" in problems[names[2]]
+    assert [c["case"] for c in info.value.summary["cases"]] == [names[3]]  # the good case is still evaluated
 
 
 def test_prediction_without_reference(tmp_path):
     (tmp_path / "pred").mkdir()
     shutil.copy(next(LABELS.glob("*.nii.gz")), tmp_path / "pred" / "stranger.nii.gz")
-    with pytest.raises(DatasetError, match="without a reference") as info:
-        match_cases(tmp_path / "pred", LABELS)
-    assert info.value.problems[0].case == "stranger"
+    pairs, problems = match_cases(tmp_path / "pred", LABELS)
+    assert not pairs and [p.case for p in problems] == ["stranger"] and "no reference" in problems[0].what
 
 
 def test_cli_folder_and_errors(tmp_path, capsys):

@@ -67,7 +67,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Dice, IoU, HD95 (mm), precision/recall, volumes, PA/MPA/mIoU/FWIoU; or, with --model, the
         cross-validation summary and the largest-component postprocessing choice."""
-        from medseg3d.evaluation.evaluate import evaluate_folders, write_summary_csv, write_summary_json
+        from medseg3d.evaluation.evaluate import (
+            EvaluationError,
+            evaluate_folders,
+            write_summary_csv,
+            write_summary_json,
+        )
 
         out = Console()
         n_workers = workers or None
@@ -77,7 +82,11 @@ def register(app: typer.Typer) -> None:
             from medseg3d.evaluation.crossval import SUMMARY_FILE, evaluate_crossval
             from medseg3d.paths import model_dir_of
 
-            summary, decision = evaluate_crossval(model, config, arch, workers=n_workers)
+            try:
+                summary, decision = evaluate_crossval(model, config, arch, workers=n_workers)
+            except EvaluationError as exc:  # the good cases' table first, then the failed cases (exit 2)
+                out.print(summary_table(exc.summary, f"cross-validation {config} (cases that could be evaluated)"))
+                raise
             if json_out is not None:
                 write_summary_json(summary, json_out)
             if csv_out is not None:
@@ -91,5 +100,9 @@ def register(app: typer.Typer) -> None:
             return
         if pred_dir is None or ref_dir is None:
             raise InputError("give PRED_DIR and REF_DIR (or --model WORK_DIR --config CONFIG)")
-        summary = evaluate_folders(pred_dir, ref_dir, parse_labels(labels), n_workers, json_out, csv_out)
+        try:
+            summary = evaluate_folders(pred_dir, ref_dir, parse_labels(labels), n_workers, json_out, csv_out)
+        except EvaluationError as exc:  # the good cases' table first, then the failed cases (exit 2)
+            out.print(summary_table(exc.summary, f"{pred_dir} vs {ref_dir} (cases that could be evaluated)"))
+            raise
         out.print(summary_table(summary, f"{pred_dir} vs {ref_dir}"))

@@ -43,6 +43,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
         precision: str = typer.Option("auto", "--precision",
                                       help="auto (bf16 on CPUs with native bf16, fp16 on CUDA), fp32, bf16, fp16."),
+        batch_size: int | None = typer.Option(None, "--batch-size",
+                                              help="Network inputs (windows x mirrorings) per forward pass; lower it "
+                                                   "when the GPU runs out of memory (default: from the patch size)."),
         save_probabilities: bool = typer.Option(False, "--save-probabilities",
                                                 help="Also write CASE.npz with (K, X, Y, Z) probabilities."),
         num_parts: int = typer.Option(1, "--num-parts", help="Split the cases into this many parts ..."),
@@ -55,6 +58,6 @@ def register(app: typer.Typer) -> None:
         summary = predict_folder(
             model, input, output, config=config, arch=arch, folds=_parse_folds(folds), checkpoint=checkpoint,
             step=step, use_mirroring=not no_tta, device=device, save_probabilities=save_probabilities,
-            num_parts=num_parts, part_id=part_id, overwrite=overwrite, precision=precision,
+            num_parts=num_parts, part_id=part_id, overwrite=overwrite, precision=precision, batch_size=batch_size,
         )
         typer.echo(f"predicted {len(summary.predicted)}, skipped {len(summary.skipped)} (existing outputs) -> {output}")

@@ -15,19 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medseg3d.evaluation.metrics import confusion_matrix, overlap_metrics
+from medseg3d.evaluation.metrics import dice_per_class
 from medseg3d.postprocess import make_decision, remove_all_but_largest
-
-
-def _dice_per_class(ref: np.ndarray, seg: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
-    k = max(max(labels) + 1, int(ref.max(initial=0)) + 1, int(seg.max(initial=0)) + 1)
-    cm = confusion_matrix(ref, seg, k)
-    t, p = cm.sum(axis=1), cm.sum(axis=0)
-    out = {}
-    for c in labels:
-        tp = int(cm[c, c])
-        out[c] = overlap_metrics(tp, int(p[c]) - tp, int(t[c]) - tp)["dice"]
-    return out
 
 
 def variant_dice(ref: np.ndarray, pred: np.ndarray, labels: Sequence[int]) -> dict[str, dict[int, float]]:
@@ -44,11 +33,11 @@ def variant_dice(ref: np.ndarray, pred: np.ndarray, labels: Sequence[int]) -> di
     """
     labels = [int(c) for c in labels]
     fg = remove_all_but_largest(pred, pred > 0)
-    out = {"base": _dice_per_class(ref, pred, labels), "fg": _dice_per_class(ref, fg, labels),
+    out = {"base": dice_per_class(ref, pred, labels), "fg": dice_per_class(ref, fg, labels),
            "cls_base": {}, "cls_fg": {}}
     for c in labels:
         for key, seg in (("cls_base", pred), ("cls_fg", fg)):
-            out[key][c] = _dice_per_class(ref, remove_all_but_largest(seg, seg == c), [c])[c]
+            out[key][c] = dice_per_class(ref, remove_all_but_largest(seg, seg == c), [c])[c]
     return out
 
 

@@ -20,11 +20,14 @@ from medseg3d.errors import DatasetError, InputError, Problem
 from medseg3d.evaluation.choose_postprocessing import decide, variant_dice
 from medseg3d.evaluation.evaluate import (
     CasePair,
+    EvaluationError,
     case_key,
+    failed_cases,
     load_pair,
-    pair_with_references,
+    pair_available,
     run_cases,
     summarize,
+    with_failures,
     write_summary_json,
 )
 from medseg3d.evaluation.metrics import case_metrics
@@ -108,6 +111,11 @@ def evaluate_crossval(work_dir: str | Path, config: str, arch: str | None = None
 
     Returns:
         (summary, decision); both are also written into the model folder.
+
+    Raises:
+        EvaluationError: some cases could not be evaluated (no reference, other grid, unreadable):
+        the summary of the others is written (with `failed`), postprocessing.json is not (it is
+        chosen on every fold's cases), and the error names each failed case.
     """
     work_dir = Path(work_dir)
     plans = Plans.load(work_dir)
@@ -117,13 +125,22 @@ def evaluate_crossval(work_dir: str | Path, config: str, arch: str | None = None
     if not model_dir.is_dir():
         raise InputError(f"{model_dir} does not exist; train it first or check --config/--arch")
     preds, folds = gather_fold_predictions(model_dir)
-    pairs = pair_with_references(preds, reference_labels(plans), str(plans.dataset_dir))
+    pairs, unmatched = pair_available(preds, reference_labels(plans), str(plans.dataset_dir))
     labels = sorted(c for c in plans.labels if c > 0)
-    results = run_cases(_crossval_case, pairs, workers, "cross-validation", labels)
-    summary = summarize([m for m, _ in results], labels)
+    results, failed = run_cases(_crossval_case, pairs, workers, "cross-validation", labels)
+    good = [r for r in results if r is not None]
+    summary = summarize([m for m, _ in good], labels)
     summary = {"work_dir": str(work_dir), "configuration": config, "architecture": arch,
                "folds": {str(k): v for k, v in folds.items()}, **summary}
-    decision = decide([v for _, v in results], labels)
+    problems = sorted([*unmatched, *failed], key=lambda p: p.case or "")
+    if problems:
+        summary = with_failures(summary, problems)
+        write_summary_json(summary, model_dir / SUMMARY_FILE)
+        raise EvaluationError(
+            "cross-validation", failed_cases(problems), len(pairs) + len(unmatched),
+            f"the others were evaluated into {model_dir / SUMMARY_FILE}; {POSTPROCESSING_FILE} is chosen only "
+            "when every case can be evaluated", summary)
+    decision = decide([v for _, v in good], labels)
     write_summary_json(summary, model_dir / SUMMARY_FILE)
     write_json_atomic(model_dir / POSTPROCESSING_FILE, decision)
     log.info("wrote %s and %s", model_dir / SUMMARY_FILE, model_dir / POSTPROCESSING_FILE)

@@ -2,7 +2,9 @@
 
 Cases are matched by file name without `.nii`/`.nii.gz` (a trailing `_0000` is ignored, so
 `case_0000.nii.gz` matches `case.nii.gz`). Every prediction needs a reference with the same shape,
-spacing, origin and direction; every mismatch is reported together, by case, in one `DatasetError`.
+spacing, origin and direction. A case that fails (no reference, other grid, unreadable file, negative
+labels) never stops the others: the good cases are evaluated and written (JSON/CSV, with the failed
+ones listed under `failed`), then one `EvaluationError` names every failed case, by case and file.
 Cases run in parallel worker processes with a progress bar. Metric definitions:
 `medseg3d.evaluation.metrics` and docs/evaluation.md.
 """
@@ -23,10 +25,11 @@ from typing import Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from medseg3d.errors import DatasetError, InputError, Problem
+from medseg3d.errors import CasesFailedError, DatasetError, InputError, Problem, describe_case_error
 from medseg3d.evaluation.metrics import CASE_KEYS, CLASS_KEYS, case_metrics, empty_class_result
 from medseg3d.io import atomic_path, read_label, strip_nifti_suffix, write_json_atomic
 from medseg3d.logging_utils import console
+from medseg3d.workers import resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,10 @@ DIRECTION_ATOL = 1e-4
 ORIGIN_ATOL_MM = 1e-3
 #: Keys averaged per class (HD95 skips NaN and reports how many it skipped).
 MEAN_KEYS = ("dice", "iou", "hd95", "precision", "recall")
+
+
+class EvaluationError(CasesFailedError):
+    """Some cases could not be evaluated (the others were, and their summary is `summary`)."""
 
 
 @dataclass(frozen=True)
@@ -70,33 +77,38 @@ def list_label_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def match_cases(pred_dir: str | Path, ref_dir: str | Path) -> list[CasePair]:
-    """Pairs of prediction and reference files by case name.
-
-    A prediction without a reference is an error (all listed); references without a prediction
-    are skipped with a warning (e.g. one fold's validation cases against the whole dataset).
+def match_cases(pred_dir: str | Path, ref_dir: str | Path) -> tuple[list[CasePair], list[Problem]]:
+    """Pairs of prediction and reference files by case name, and a `Problem` per prediction without
+    a reference (that case fails, the others go on); references without a prediction are skipped
+    with a warning (e.g. one fold's validation cases against the whole dataset).
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     preds = list_label_files(pred_dir)
     refs = list_label_files(ref_dir)
     if not preds:
         raise InputError(f"{pred_dir} holds no .nii/.nii.gz predictions")
-    return pair_with_references(preds, refs, str(ref_dir))
+    return pair_available(preds, refs, str(ref_dir))
 
 
-def pair_with_references(preds: dict[str, Path], refs: dict[str, Path], ref_where: str) -> list[CasePair]:
-    """Pair `{case: prediction}` with `{case: reference}`; see `match_cases`."""
+def pair_available(preds: dict[str, Path], refs: dict[str, Path],
+                   ref_where: str) -> tuple[list[CasePair], list[Problem]]:
+    """Pair `{case: prediction}` with `{case: reference}`: the pairs, and a `Problem` per prediction
+    without a reference in `ref_where`."""
     missing = sorted(set(preds) - set(refs))
-    if missing:
-        raise DatasetError(
-            f"predictions without a reference in {ref_where}",
-            [Problem(c, preds[c].name, "has no reference label map", f"add {c}.nii.gz to {ref_where} or remove the prediction")
-             for c in missing],
-        )
+    problems = [Problem(c, str(preds[c]), f"has no reference label map in {ref_where}",
+                        f"add {c}.nii.gz to {ref_where} or remove the prediction") for c in missing]
     unused = len(set(refs) - set(preds))
     if unused:
         log.warning("%d reference(s) in %s have no prediction and are not evaluated", unused, ref_where)
-    return [CasePair(c, preds[c], refs[c]) for c in sorted(preds)]
+    return [CasePair(c, preds[c], refs[c]) for c in sorted(set(preds) & set(refs))], problems
+
+
+def pair_with_references(preds: dict[str, Path], refs: dict[str, Path], ref_where: str) -> list[CasePair]:
+    """`pair_available` for callers that need every prediction paired: `DatasetError` lists the unpaired."""
+    pairs, problems = pair_available(preds, refs, ref_where)
+    if problems:
+        raise DatasetError(f"predictions without a reference in {ref_where}", problems)
+    return pairs
 
 
 def check_geometry(name: str, pred_affine: np.ndarray, ref_affine: np.ndarray, pred_shape: tuple, ref_shape: tuple,
@@ -155,12 +167,18 @@ def _guarded(fn: Callable[..., Any], pair: CasePair, *args: Any) -> tuple[Any, l
         return fn(pair, *args), []
     except DatasetError as exc:
         return None, list(exc.problems) or [Problem(pair.name, str(pair.pred), str(exc), "see the message")]
+    except Exception as exc:  # unreadable file, ...: this case fails, the others go on
+        log.debug("case %s failed", pair.name, exc_info=True)
+        return None, [Problem(pair.name, None, describe_case_error(exc, "evaluate"),
+                              "replace or remove the file named, then rerun")]
 
 
-def run_cases(fn: Callable[..., Any], pairs: Sequence[CasePair], workers: int | None, what: str, *args: Any) -> list:
+def run_cases(fn: Callable[..., Any], pairs: Sequence[CasePair], workers: int | None, what: str,
+              *args: Any) -> tuple[list, list[Problem]]:
     """`fn(pair, *args)` for every pair, in `workers` processes, with a progress bar, in pair order.
 
-    Problems raised as `DatasetError` by individual cases are gathered and raised together.
+    Returns the results (None where a case failed) and the problems of the failed cases (sorted by
+    case): one failing case never stops the others.
     """
     workers = default_workers(workers, len(pairs))
     results: list[Any] = [None] * len(pairs)
@@ -180,18 +198,22 @@ def run_cases(fn: Callable[..., Any], pairs: Sequence[CasePair], workers: int | 
                     results[futures[future]], found = future.result()
                     problems.extend(found)
                     progress.advance(task)
-    if problems:
-        raise DatasetError("predictions and references do not match", sorted(problems, key=lambda p: p.case or ""))
-    return results
+    return results, sorted(problems, key=lambda p: p.case or "")
+
+
+def failed_cases(problems: Sequence[Problem]) -> list[tuple[str, str]]:
+    """`(case, why)` of each problem, for `CasesFailedError` (the why names the file and the fix)."""
+    return [(p.case or "?", Problem(None, p.file, p.what, p.fix).format()) for p in problems]
+
+
+def with_failures(summary: dict, problems: Sequence[Problem]) -> dict:
+    """`summary` plus `failed`: one `{case, file, what, fix}` per case that could not be evaluated."""
+    return {**summary, "failed": [{"case": p.case, "file": p.file, "what": p.what, "fix": p.fix} for p in problems]}
 
 
 def default_workers(workers: int | None, num_tasks: int) -> int:
-    """`workers`, or the CPU count capped at 8; never more than there are tasks."""
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 8)
-    if workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
-    return max(1, min(workers, num_tasks))
+    """`workers`, or (None/0) the CPU count capped at 8; never more than there are tasks."""
+    return max(1, min(resolve_workers(workers, min(os.cpu_count() or 1, 8)), num_tasks))
 
 
 def _mean(values: list[float]) -> float:
@@ -233,11 +255,22 @@ def summarize(case_results: list[dict], labels: Sequence[int] | None = None) -> 
 
 
 def evaluate_pairs(pairs: Sequence[CasePair], labels: Sequence[int] | None = None, workers: int | None = None) -> dict:
-    """Evaluate matched pairs in parallel and summarise (see `summarize`)."""
-    if not pairs:
-        raise InputError("no cases to evaluate")
-    results = run_cases(evaluate_case, pairs, workers, "evaluating", None if labels is None else list(labels))
-    return summarize(results, labels)
+    """Evaluate matched pairs in parallel and summarise (see `summarize`).
+
+    `EvaluationError` (its `summary` that of the good cases) when some cases could not be evaluated.
+    """
+    summary, problems = _evaluate(pairs, labels, workers)
+    if problems:
+        raise EvaluationError("evaluate", failed_cases(problems), len(pairs), "the others were evaluated",
+                              with_failures(summary, problems))
+    return summary
+
+
+def _evaluate(pairs: Sequence[CasePair], labels: Sequence[int] | None,
+              workers: int | None) -> tuple[dict, list[Problem]]:
+    """The summary of the pairs that could be evaluated and the problems of those that could not."""
+    results, problems = run_cases(evaluate_case, pairs, workers, "evaluating", None if labels is None else list(labels))
+    return summarize([r for r in results if r is not None], labels), problems
 
 
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: Sequence[int] | None = None,
@@ -248,13 +281,25 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, labels: Sequence
     Args:
         labels: classes to report (default: every non-zero class found in references/predictions).
         workers: worker processes (default: CPU count, at most 8).
+
+    Raises:
+        EvaluationError: after the good cases were summarised (and written), naming each case that
+        could not be evaluated; its `summary` is the summary of the good cases.
     """
-    summary = evaluate_pairs(match_cases(pred_dir, ref_dir), labels, workers)
+    pairs, unmatched = match_cases(pred_dir, ref_dir)
+    summary, failed = _evaluate(pairs, labels, workers)
+    problems = sorted([*unmatched, *failed], key=lambda p: p.case or "")
     summary = {"pred_dir": str(pred_dir), "ref_dir": str(ref_dir), **summary}
+    if problems:
+        summary = with_failures(summary, problems)
+    written = [str(p) for p in (json_path, csv_path) if p is not None]
     if json_path is not None:
         write_summary_json(summary, json_path)
     if csv_path is not None:
         write_summary_csv(summary, csv_path)
+    if problems:
+        others = f"the others were evaluated{' and written to ' + ', '.join(written) if written else ''}"
+        raise EvaluationError("evaluate", failed_cases(problems), len(pairs) + len(unmatched), others, summary)
     return summary
 
 

@@ -98,6 +98,23 @@ def overlap_metrics(tp: int, fp: int, fn: int) -> dict[str, float]:
     }
 
 
+def dice_per_class(ref: np.ndarray, pred: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
+    """Dice of each class in `labels` between integer label maps `(X, Y, Z)` of equal shape.
+
+    One confusion-matrix pass; Dice = 2TP / (2TP + FP + FN) with the zero-denominator rule above
+    (1.0 when the class is absent from both maps, 0.0 when from one). The one Dice of medseg3d:
+    `evaluate`, the postprocessing choice and training's final validation all report this value.
+    """
+    labels = [int(c) for c in labels]
+    cm = confusion_matrix(ref, pred, max(labels, default=0) + 1)
+    t, p = cm.sum(axis=1), cm.sum(axis=0)
+    out = {}
+    for c in labels:
+        tp = int(cm[c, c])
+        out[c] = overlap_metrics(tp, int(p[c]) - tp, int(t[c]) - tp)["dice"]
+    return out
+
+
 def _grow(box: tuple[slice, ...], shape: tuple[int, ...], margin: int) -> tuple[slice, ...]:
     return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
 

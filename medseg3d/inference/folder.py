@@ -19,10 +19,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from medseg3d.device import resolve_device
-from medseg3d.errors import CheckpointError, InputError, MedsegError
+from medseg3d.errors import (
+    CasesFailedError,
+    CheckpointError,
+    InputError,
+    OutputError,
+    describe_case_error,
+    is_out_of_memory,
+)
 from medseg3d.inference.checkpoint import build_model_from_checkpoint, load_checkpoint
-from medseg3d.inference.writer import output_path, write_probabilities, write_segmentation
 from medseg3d.inference.predictor import predict_case
+from medseg3d.inference.writer import output_path, write_probabilities, write_segmentation
 from medseg3d.io.volume import Volume
 from medseg3d.logging_utils import console
 from medseg3d.paths import model_dir_of
@@ -32,7 +39,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KINDS = ("final", "best", "latest")
 
 
-class PredictionError(MedsegError):
+class PredictionError(CasesFailedError):
     """Some cases could not be predicted (the others were); lists each case and why."""
 
 
@@ -118,15 +125,20 @@ def predict_folder(
     part_id: int = 0,
     overwrite: bool = False,
     precision: str = "auto",
+    batch_size: int | None = None,
     models: list[nn.Module] | None = None,
 ) -> PredictSummary:
     """Predict every case of `input_path` (folder in MSD/nnU-Net naming, or one file) into `output_dir`.
 
-    Existing outputs are kept unless `overwrite`; a failing case is logged and the others go on;
-    at the end PredictionError (non-zero exit) names every failed case. `models` skips checkpoint
-    loading (tests, benchmarks).
+    Existing outputs are kept unless `overwrite`. A bad case (wrong channels or spacing, unreadable,
+    NaN, too large for the GPU, ...) is logged and the others go on, whether found at discovery or
+    while predicting; at the end PredictionError (non-zero exit) names every failed case and why.
+    An output that cannot be written (no permission, full disk: `OutputError`) stops the folder at
+    once, as it is not the case's fault. `batch_size`: network inputs per forward pass (default:
+    `predictor.default_batch_size`). `models` skips checkpoint loading (tests, benchmarks).
     """
-    from medseg3d.io import find_input_cases, read_volume
+    from medseg3d.io import read_volume
+    from medseg3d.io.dataset import input_cases_and_problems
     from medseg3d.plans.schema import Plans
 
     work_dir, output_dir = Path(work_dir), Path(output_dir)
@@ -140,8 +152,19 @@ def predict_folder(
         have = available_folds(model_dir_of(work_dir, config, arch), checkpoint)
         if any(f not in have for f in folds):
             load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config))  # raises, listing folds
-    cases = split_part(find_input_cases(input_path, plans.num_channels), num_parts, part_id)
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1 (network inputs per forward pass), got {batch_size}")
+    found, problems = input_cases_and_problems(input_path, plans.num_channels)
+    entries = sorted([(c.name, c, "") for c in found] + [(name, None, why) for name, why in problems],
+                     key=lambda e: e[0])
     summary = PredictSummary()
+    cases = []
+    for name, case, why in split_part(entries, num_parts, part_id):
+        if case is None:
+            log.error("case %s cannot be predicted: %s", name, why)
+            summary.failed.append((name, why))
+        else:
+            cases.append(case)
     todo = []
     for case in cases:
         ending = ".nii" if case.images[0].name.endswith(".nii") else ".nii.gz"
@@ -153,8 +176,9 @@ def predict_folder(
     if summary.skipped:
         log.info("%d case(s) skipped: their output exists in %s (pass --overwrite to redo them)",
                  len(summary.skipped), output_dir)
+    n_unusable = len(summary.failed)  # refused at discovery; the total counts them with the cases tried
     if not todo:
-        return summary
+        return _finish(summary, n_unusable, output_dir)
     if models is None:
         models = load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config))
     models = [m.to(dev).eval() for m in models]
@@ -175,29 +199,40 @@ def predict_folder(
                 seg, probs = predict_case(
                     models, box.pop(), plans, config, step=step, use_mirroring=use_mirroring, device=dev,
                     postprocessing=postprocessing, return_probabilities=save_probabilities,
-                    precision=precision, progress=lambda n: bar.advance(t_win, n), case=case.name)
+                    precision=precision, batch_size=batch_size, progress=lambda n: bar.advance(t_win, n),
+                    case=case.name)
                 write_segmentation(seg, geometry, out, overwrite=overwrite)
                 if probs is not None:
                     write_probabilities(probs, output_dir / f"{case.name}.npz", overwrite=True)
                 summary.predicted.append(case.name)
                 summary.seconds[case.name] = time.perf_counter() - t0
-            except MedsegError as exc:
-                log.error("case %s failed: %s", case.name, exc)
-                summary.failed.append((case.name, str(exc)))
+            except OutputError:
+                raise  # no permission / full disk: every later case would fail the same way
             except Exception as exc:
-                log.error("case %s failed: %s: %s", case.name, type(exc).__name__, exc)
+                why = describe_case_error(exc, "predict")
+                log.error("case %s failed: %s", case.name, why)
                 log.debug("traceback of case %s", case.name, exc_info=True)
-                summary.failed.append((case.name, f"{type(exc).__name__}: {exc}"))
+                summary.failed.append((case.name, why))
+                if is_out_of_memory(exc):
+                    _free_cuda_cache()
             bar.advance(t_cases)
     log.info("predicted %d case(s) into %s, %d skipped, %d failed", len(summary.predicted), output_dir,
              len(summary.skipped), len(summary.failed))
+    return _finish(summary, len(todo) + n_unusable, output_dir)
+
+
+def _finish(summary: PredictSummary, total: int, output_dir: Path) -> PredictSummary:
+    """`summary`, or PredictionError naming every failed case (with `summary` attached) when any failed."""
     if summary.failed:
-        lines = "\n".join(f"  - case {name}: {why}" for name, why in summary.failed)
-        err = PredictionError(f"{len(summary.failed)} of {len(todo)} case(s) failed (the others were written "
-                              f"to {output_dir}):\n{lines}")
-        err.summary = summary  # type: ignore[attr-defined]
-        raise err
+        raise PredictionError("predict", summary.failed, total, f"the others were written to {output_dir}", summary)
     return summary
+
+
+def _free_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _load_postprocessing(mdir: Path) -> dict | None:

@@ -6,6 +6,7 @@ A reader (or a crash) never sees a half-written checkpoint, prediction or JSON f
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -13,8 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from medseg3d.errors import OutputExistsError
+from medseg3d.errors import OutputError, OutputExistsError, os_error_message
 
+#: Below this many free bytes a failed write is taken as a full disk.
+_FULL_BYTES = 1 << 20
 _UMASK = os.umask(0)  # read the process umask once (os.umask can only read it by setting it)
 os.umask(_UMASK)
 
@@ -25,15 +28,22 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
 
     The temporary name keeps the target's suffixes (`.nii.gz`, `.npy`, ...) so writers that pick a
     format from the extension behave. On an exception the temporary file is removed and `path`
-    is untouched. With `overwrite=False` an existing `path` raises `OutputExistsError`.
+    is untouched. With `overwrite=False` an existing `path` raises `OutputExistsError`. No
+    permission, a read-only file system or a full disk (`OSError` EACCES/EPERM/EROFS/ENOSPC/EDQUOT
+    from the folder's creation, the writer or the rename; or any writer error with under 1 MB left
+    on the disk) raise `OutputError` naming `path`.
     """
     target = Path(path)
     if not overwrite and target.exists():
         raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=suffix, dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        _raise_output_error(exc, target)
+        raise
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -41,9 +51,33 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
         os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        # a writer that hides errno (torch.save's zip writer raises RuntimeError on a full disk) is
+        # recognised by the free space left, measured before the temporary file is removed
+        full = not isinstance(exc, (OSError, KeyboardInterrupt)) and _free_bytes(target.parent) < _FULL_BYTES
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            _raise_output_error(exc, target)
+        elif full:
+            _raise_output_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), target)
         raise
+
+
+def _free_bytes(folder: Path) -> int:
+    """Bytes an unprivileged writer can still use on `folder`'s file system (large when unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
+
+
+def _raise_output_error(exc: OSError, target: Path) -> None:
+    """Raise `OutputError` naming `target` for a permission / read-only / full-disk error; else return."""
+    message = os_error_message(exc, target, atomic_write=True)
+    if message is not None:
+        raise OutputError(message) from exc
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = True) -> None:

@@ -218,6 +218,21 @@ def _group_channel_files(folder: Path, ending: str, problems: list[Problem]) -> 
 def find_input_cases(path: str | Path, num_channels: int, file_ending: str | None = None) -> list[Case]:
     """Cases to predict: a single file, or a folder in MSD naming (`CASE.nii.gz`, 4D when several
     channels) or nnU-Net naming (`CASE_0000.nii.gz`, ...). `InputError` lists every problem."""
+    cases, problems = input_cases_and_problems(path, num_channels, file_ending)
+    if problems:
+        lines = "\n  ".join(f"case {name}: {why}" for name, why in problems)
+        raise InputError(f"input channels do not match the model:\n  {lines}")
+    return cases
+
+
+def input_cases_and_problems(
+    path: str | Path, num_channels: int, file_ending: str | None = None
+) -> tuple[list[Case], list[tuple[str, str]]]:
+    """`find_input_cases` that keeps going: the usable cases and `(case, why)` for each case that is not
+    (wrong channel count or files, unreadable header), so one bad case does not stop a folder.
+
+    `InputError` only when `path` itself is unusable (missing, not NIfTI, no NIfTI inside).
+    """
     path = Path(path)
     if path.is_file():
         if not is_nifti(path):
@@ -229,40 +244,39 @@ def find_input_cases(path: str | Path, num_channels: int, file_ending: str | Non
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise InputError(f"case {match['case']}: channel files missing: {', '.join(missing)}")
-            return [Case(match["case"], tuple(files))]
+            return [Case(match["case"], tuple(files))], []
         name = match["case"] if match else stem
         _check_channels(Case(name, (path,)), num_channels)
-        return [Case(name, (path,))]
+        return [Case(name, (path,))], []
     if not path.is_dir():
         raise InputError(f"input {path} does not exist; give a NIfTI file or a folder of them")
     files = [p for p in sorted(path.iterdir()) if is_nifti(p) and (file_ending is None or p.name.endswith(file_ending))]
     if not files:
         raise InputError(f"no .nii/.nii.gz files in {path}")
     stems = [strip_nifti_suffix(p.name) for p in files]
+    cases: list[Case] = []
+    problems: list[tuple[str, str]] = []
     if all(_CHANNEL_RE.match(s) for s in stems):
         groups: dict[str, dict[int, Path]] = defaultdict(dict)
         for p, s in zip(files, stems):
             m = _CHANNEL_RE.match(s)
             groups[m["case"]][int(m["ch"])] = p  # type: ignore[index]
-        cases, errors = [], []
         for name, chans in sorted(groups.items()):
             if sorted(chans) != list(range(num_channels)):
-                errors.append(f"case {name}: has channel files {sorted(chans)}, the model needs 0..{num_channels - 1}")
+                why = f"has channel files {sorted(chans)}, the model needs 0..{num_channels - 1}"
+                problems.append((name, why))
             else:
                 cases.append(Case(name, tuple(chans[i] for i in range(num_channels))))
-        if errors:
-            raise InputError("input channels do not match the model:\n  " + "\n  ".join(errors))
-        return cases
-    cases = [Case(s, (p,)) for p, s in zip(files, stems)]
-    errors = []
-    for case in cases:
+        return cases, problems
+    for p, s in zip(files, stems):
+        case = Case(s, (p,))
         try:
             _check_channels(case, num_channels)
         except InputError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise InputError("input channels do not match the model:\n  " + "\n  ".join(errors))
-    return cases
+            problems.append((s, str(exc).removeprefix(f"case {s}: ")))
+        else:
+            cases.append(case)
+    return cases, problems
 
 
 def _check_channels(case: Case, num_channels: int) -> None:

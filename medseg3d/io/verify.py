@@ -18,6 +18,7 @@ import numpy as np
 from medseg3d.errors import DatasetError, InputError, Problem
 from medseg3d.io.dataset import Case, DatasetSpec, discover
 from medseg3d.io.volume import HeaderInfo, read_header, read_label, read_volume
+from medseg3d.workers import resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def verify_dataset(root: str | Path, workers: int | None = None, progress: bool 
     spec, problems = discover(root)
     if spec is None:
         raise DatasetError(f"dataset {root} cannot be read", problems)
-    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    workers = resolve_workers(workers, min(8, (os.cpu_count() or 1) * 2))
     results: list[tuple[list[Problem], CaseStats | None]] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(check_case, c, spec) for c in spec.cases if c.label is not None]

@@ -2,7 +2,8 @@
 
 The final validation shares `medseg3d.inference.predict_case` with `medseg3d predict`, writes one
 NIfTI per validation case into `fold_K/validation/` (original geometry) and `summary.json` with
-per-case and mean Dice per class.
+per-case and mean Dice per class (`medseg3d.evaluation.metrics.dice_per_class`) and the cases that
+failed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg3d.errors import CasesFailedError, OutputError, describe_case_error
 from medseg3d.io.atomic import write_json_atomic
 from medseg3d.logging_utils import console
 
@@ -41,25 +43,21 @@ def dice_from_counts(counts: torch.Tensor) -> list[float]:
     return [float(2 * a / d) if d > 0 else float("nan") for a, d in zip(tp, den)]
 
 
-def dice_per_class(ref: np.ndarray, pred: np.ndarray, labels: list[int]) -> dict[str, float | None]:
-    """Dice of each label id between integer arrays of equal shape; None when absent from both."""
-    out: dict[str, float | None] = {}
-    for c in labels:
-        r, p = ref == c, pred == c
-        den = int(r.sum()) + int(p.sum())
-        out[str(c)] = None if den == 0 else 2.0 * int((r & p).sum()) / den
-    return out
-
-
 def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: str, val_cases: list[str],
                      out_dir: Path, device: torch.device, *, step: float = 0.5, mirroring: bool = True) -> Path | None:
     """Predict every validation case from the raw dataset and write `out_dir/summary.json`.
 
+    Dice per class is `medseg3d.evaluation.metrics.dice_per_class` (1 when a class is absent from
+    both, as `medseg3d evaluate` reports). A case that fails (unreadable, wrong channels, NaN, out of
+    GPU memory, ...) never stops the others: they are predicted and summarised, the failed ones are
+    listed under `failed` in summary.json, then `CasesFailedError` names each (the trained
+    checkpoints are already saved). An output that cannot be written (`OutputError`) stops at once.
     Returns the summary path, or None (with a warning) when the dataset folder recorded in
     plans.json is gone (the trained checkpoints stay valid).
     """
-    from medseg3d.inference.writer import write_segmentation
+    from medseg3d.evaluation.metrics import dice_per_class
     from medseg3d.inference.predictor import predict_case
+    from medseg3d.inference.writer import write_segmentation
     from medseg3d.io import load_dataset, read_label, read_volume
 
     root = Path(plans.dataset_dir)
@@ -75,26 +73,38 @@ def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: st
     out_dir.mkdir(parents=True, exist_ok=True)
     net.eval()
     per_case = []
+    failed: list[tuple[str, str]] = []
     todo = [c for c in val_cases if c in cases]
     with console.status(f"final validation of {len(todo)} case(s)") if todo else _null():
         for name in todo:
             case = cases[name]
-            image = read_volume(case.images)
-            seg, _ = predict_case([net], image, plans, config_name, step=step, use_mirroring=mirroring,
-                                  device=device, case=name)
-            write_segmentation(seg, image, out_dir / f"{name}.nii.gz", overwrite=True)
-            ref = read_label(case.label).array[0]
-            per_case.append({"case": name, "dice": dice_per_class(ref, seg, labels)})
+            try:
+                image = read_volume(case.images)
+                seg, _ = predict_case([net], image, plans, config_name, step=step, use_mirroring=mirroring,
+                                      device=device, case=name)
+                write_segmentation(seg, image, out_dir / f"{name}.nii.gz", overwrite=True)
+                ref = read_label(case.label).array[0]
+                dice = dice_per_class(ref, seg, labels)
+            except OutputError:
+                raise
+            except Exception as exc:
+                why = describe_case_error(exc, "train")
+                log.error("validation %s failed: %s", name, why)
+                log.debug("traceback of validation case %s", name, exc_info=True)
+                failed.append((name, why))
+                continue
+            per_case.append({"case": name, "dice": {str(c): v for c, v in dice.items()}})
             log.info("validation %s: Dice %s", name, per_case[-1]["dice"])
-    mean = {}
-    for c in labels:
-        vals = [pc["dice"][str(c)] for pc in per_case if pc["dice"][str(c)] is not None]
-        mean[str(c)] = float(np.mean(vals)) if vals else None
+    mean = {str(c): (float(np.mean([pc["dice"][str(c)] for pc in per_case])) if per_case else None) for c in labels}
     summary = {"config": config_name, "labels": {str(k): v for k, v in plans.labels.items()},
-               "mean_dice": mean, "cases": per_case}
+               "mean_dice": mean, "cases": per_case, "failed": [{"case": n, "why": w} for n, w in failed]}
     path = out_dir / "summary.json"
     write_json_atomic(path, summary)
     log.info("validation mean Dice per class: %s -> %s", mean, path)
+    if failed:
+        raise CasesFailedError("final validation", failed, len(todo),
+                               f"the others were predicted into {out_dir} and summarised in {path}; the trained "
+                               "checkpoints are saved", summary)
     return path
 
 
