@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from medseg3d.errors import InputError
 
@@ -50,15 +52,20 @@ def shipped_dataset() -> Path:
     return path
 
 
-def run_demo(out: Path, device: str = "auto", schedule: DemoSchedule | None = None) -> dict:
-    """Run the demo into `out`; returns the evaluation summary of the held-out cases."""
-    from medseg3d.commands.verify import print_summary
+def run_demo(out: Path, device: str = "auto", schedule: DemoSchedule | None = None,
+             on_verified: Callable[[Any], None] | None = None) -> dict:
+    """Run the demo into `out`; returns the evaluation summary of the held-out cases.
+
+    `on_verified(summary)` receives the shipped dataset's `DatasetSummary` once it is verified (the
+    `demo` command prints it); the library itself prints nothing.
+    """
     from medseg3d.evaluation.evaluate import evaluate_folders
     from medseg3d.inference.folder import predict_folder
     from medseg3d.io import verify_dataset
+    from medseg3d.paths import fold_dir_of
     from medseg3d.preprocess.run import plan_and_preprocess
     from medseg3d.training.config import TrainConfig
-    from medseg3d.training.trainer import fold_dir_of, train_fold
+    from medseg3d.training.trainer import train_fold
 
     schedule = schedule or DemoSchedule()
     data = shipped_dataset()
@@ -68,7 +75,9 @@ def run_demo(out: Path, device: str = "auto", schedule: DemoSchedule | None = No
 
     t0 = time.perf_counter()
     log.info("1/5 verify %s", data)
-    print_summary(verify_dataset(data))
+    verified = verify_dataset(data)
+    if on_verified is not None:
+        on_verified(verified)
     timings["verify"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

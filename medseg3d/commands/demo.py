@@ -26,13 +26,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Whole pipeline on 20 shipped hippocampus MRI cases (16 train, 4 held out); ~10 min on 2 CPU cores."""
         from medseg3d.commands.evaluate import summary_table
+        from medseg3d.commands.verify import print_summary
         from medseg3d.demo import run_demo
         from medseg3d.errors import ConfigError
 
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda (got {device!r})")
         schedule = DemoSchedule(epochs=epochs, iterations_per_epoch=iterations, time_budget_s=time_budget)
-        summary = run_demo(out, device=device, schedule=schedule)
+        summary = run_demo(out, device=device, schedule=schedule, on_verified=print_summary)
         console.print(summary_table(summary, "medseg3d demo: held-out hippocampus cases"))
         dice = summary["mean"]["dice"]
         console.print(f"mean foreground Dice on the {summary['num_cases']} held-out cases: {dice:.4f}")
