@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from medseg3d.evaluation.evaluate import summarize, to_jsonable
@@ -156,7 +157,6 @@ def test_overlap_metrics_match_direct_numpy():
 
 
 def _monai_hd95(ref: np.ndarray, pred: np.ndarray, spacing) -> float:
-    torch = pytest.importorskip("torch")
     from monai.metrics import compute_hausdorff_distance
 
     torch.set_num_threads(1)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from medseg3d.errors import ConfigError, PlanError
 from medseg3d.plans import Plans, rules
@@ -198,7 +199,6 @@ def test_2d_files_refused_with_the_fix():
 
 @pytest.mark.gpu
 def test_cuda_trial_measures_memory():
-    torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from medseg3d.plans.memory import cuda_trial_bytes
@@ -213,8 +213,6 @@ def test_cuda_trial_measures_memory():
 
 def test_trial_step_runs_the_planned_network_on_cpu():
     """The step the CUDA trial measures, run on CPU with the network a small plan describes."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("medseg3d.networks")
     from medseg3d.plans.memory import build_trial_network, trial_step
 
     torch.set_num_threads(1)

@@ -101,7 +101,7 @@ def load_checkpoint(
                 "`medseg3d train`, or retrain this fold") from exc
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
                               f"{_FIX_CORRUPT}") from exc
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError,
             AttributeError, ImportError, IndexError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
                               f"{_FIX_CORRUPT}") from exc
