@@ -13,7 +13,7 @@ a different precision).
 medseg3d runs as: bf16 autocast (its default on CPUs with native bf16); fp32 as a real fp32 CPU run
 does by default (channels-last network and batches, torch.compile; compile time falls in the warm-up
 epoch); fp32 eager on contiguous memory (what it did before, and nnU-Net's way on the CPU).
-nnU-Net is driven from Python (design.md: `nnUNetv2_train -tr` fails here) in the bench venv.
+nnU-Net is driven from Python (`nnUNetv2_train -tr` fails here, docs/benchmarks.md) in the bench venv.
 
     /work/venv-bench/bin/python benchmarks/bench_train.py --data /work/shared/data/Task04_Hippocampus \
         --iterations 8 --out /tmp/bench_train.json

@@ -1,4 +1,4 @@
-"""Batched data augmentation in torch (design.md's list, nnU-Net's probabilities and ranges).
+"""Batched data augmentation in torch (the list in docs/training.md, nnU-Net's probabilities and ranges).
 
 Every transform works on a whole batch at once: `image (B, C, *S)` float32 and `label (B, 1, *S)`
 (any integer or float dtype), S 2 or 3 spatial sizes. The spatial part (rotation + scaling, and
