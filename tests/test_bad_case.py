@@ -108,7 +108,7 @@ def test_cli_predict_exits_2_naming_the_bad_case_and_writes_the_others(work_dir,
 
     monkeypatch.setattr(folder, "load_fold_models", lambda *a, **k: [Pointwise()])
     inp = shutil.copytree(IMAGES, tmp_path / "in")
-    victim = sorted(inp.glob("*.nii.gz"))[0]
+    victim = min(inp.glob("*.nii.gz"))
     img = nib.load(victim)
     nib.save(nib.Nifti1Image(np.stack([np.asarray(img.dataobj)] * 3, -1).astype(np.float32), img.affine), victim)
     with pytest.raises(SystemExit) as ex:
