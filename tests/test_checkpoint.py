@@ -147,7 +147,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, 
         load_checkpoint(p)
     assert not target.exists()
     msg = str(err.value)
-    assert str(p) in msg and "holds exec" in msg and "weights_only=True" in msg and "cannot run code" in msg
+    assert str(p) in msg and "weights_only=True" in msg and "cannot run code" in msg
+    assert "holds exec," in msg or "holds builtins.exec," in msg  # torch 2.4+ / 2.3 name it so
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

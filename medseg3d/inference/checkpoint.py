@@ -57,8 +57,9 @@ def _allowed_globals() -> Any:
 def _refused_global(exc: BaseException) -> str | None:
     """The global a `weights_only` load refused (e.g. `builtins.exec`), or None for another failure."""
     text = str(exc)
+    # torch 2.4+: "GLOBAL builtins.exec was not an allowed global"; torch 2.3: "Unsupported class builtins.exec"
     m = re.search(r"GLOBAL ([\w.]+) was not an allowed global|Can only build .* but got <class '([\w.]+)'>"
-                  r"|reduce for unrecognized function ([\w.]+)", text)
+                  r"|reduce for unrecognized function ([\w.]+)|Unsupported class ([\w.]+)", text)
     # other WeightsUnpickler errors ("Unsupported operand", truncated data): a corrupt file
     return next(g for g in m.groups() if g) if m else None
 
