@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fair import alternating, median
 from _procmem import tree_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +120,7 @@ def bench_dataset(data: Path, label: str, task_id: int, args: argparse.Namespace
     conv_s = convert_msd(data, base, bench_bin, task_id, args.np, env)
     runs: dict[str, list[dict]] = {"medseg3d": [], "nnunet": []}
     for rep in range(args.reps):
-        order = ["medseg3d", "nnunet"] if rep % 2 == 0 else ["nnunet", "medseg3d"]
-        for tool in order:
+        for tool in alternating(["medseg3d", "nnunet"], rep):  # one at a time, the order alternating
             if tool == "medseg3d":
                 work = base / f"medseg3d_work_{rep}"
                 cmd = [str(ours_bin), "plan", str(data), "-o", str(work), "--workers", str(args.np),
@@ -148,6 +148,9 @@ def bench_dataset(data: Path, label: str, task_id: int, args: argparse.Namespace
     def best(tool: str, key: str) -> float:
         return min(r[key] for r in runs[tool])
 
+    def med(tool: str, key: str) -> float:
+        return median([r[key] for r in runs[tool]])
+
     return {
         "dataset": str(data), "np": args.np, "reps": args.reps, "nnunet_msd_conversion_s": conv_s,
         "runs": runs,
@@ -158,6 +161,9 @@ def bench_dataset(data: Path, label: str, task_id: int, args: argparse.Namespace
             "disk_total": runs["nnunet"][0]["disk_bytes"] / runs["medseg3d"][0]["disk_bytes"],
             "disk_cache": runs["nnunet"][0]["cache_bytes"] / runs["medseg3d"][0]["cache_bytes"],
         },
+        # the medians of each tool's runs (the best-of figures above pair each tool's best run)
+        "median_ratios_nnunet_over_medseg3d": {k: med("nnunet", k) / med("medseg3d", k)
+                                               for k in ("wall_s", "peak_tree_rss", "peak_tree_pss")},
         "plan_medseg3d": runs["medseg3d"][0]["plan"], "plan_nnunet": runs["nnunet"][0]["plan"],
     }
 
