@@ -149,6 +149,19 @@ def test_a_checkpoint_on_a_full_disk_is_one_message(tmp_path, monkeypatch):
         save_checkpoint(path, {"model": {}})
 
 
+def test_a_full_disk_reported_without_errno_is_recognised(tmp_path, monkeypatch):
+    """numpy's tofile on a full disk: `OSError: 71208 requested and 8128 written`, errno None (seen on a
+    256 kB tmpfs); with the disk full it is the full-disk message, with room left the error itself."""
+    monkeypatch.setattr(atomic, "_free_bytes", lambda folder: 0)
+    with pytest.raises(OutputError, match="no space left"), atomic_path(tmp_path / "c.npy") as tmp:
+        tmp.write_bytes(b"12")
+        raise OSError("71208 requested and 8128 written")
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setattr(atomic, "_free_bytes", lambda folder: 1 << 40)
+    with pytest.raises(OSError, match="requested"), atomic_path(tmp_path / "c.npy"):
+        raise OSError("71208 requested and 8128 written")
+
+
 def test_predict_on_a_full_disk_stops_with_one_message_and_no_partial_file(work_dir, tmp_path, capsys, monkeypatch):
     from medseg3d.inference import folder
 
@@ -180,7 +193,7 @@ def test_plan_on_a_full_disk_leaves_no_partial_file(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(os, "replace", replace_until_full)
     code, err = _run(["plan", str(SHIPPED), "-o", str(tmp_path / "wd"), "-j", "1"], capsys)
     assert code == 2 and "Traceback" not in err and "no space left" in err
-    leftovers = [p for p in (tmp_path / "wd").rglob(".*") if p.is_file()]
+    leftovers = [p for p in (tmp_path / "wd").rglob(".*") if p.is_file() and p.name != ".cache_key.json"]
     assert len(written) == 2 and not leftovers
 
 

@@ -52,14 +52,15 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
         os.replace(tmp, target)
     except BaseException as exc:
-        # a writer that hides errno (torch.save's zip writer raises RuntimeError on a full disk) is
-        # recognised by the free space left, measured before the temporary file is removed
-        full = not isinstance(exc, (OSError, KeyboardInterrupt)) and _free_bytes(target.parent) < _FULL_BYTES
+        # a writer that hides errno on a full disk (torch.save's zip writer raises RuntimeError, numpy's
+        # tofile "OSError: 71208 requested and 8128 written" with no errno) is recognised by the free
+        # space left, measured before the temporary file is removed
+        full = not isinstance(exc, KeyboardInterrupt) and _free_bytes(target.parent) < _FULL_BYTES
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             _raise_output_error(exc, target)
-        elif full:
+        if full:
             _raise_output_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), target)
         raise
 
