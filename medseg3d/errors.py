@@ -95,6 +95,8 @@ _OOM_ADVICE = {
     "predict": "lower --batch-size (network inputs per forward pass, e.g. --batch-size 1) or use --precision fp16, "
                "or predict on the CPU with --device cpu",
     "demo": "run it on the CPU with --device cpu",
+    "validation": "predict the case alone with `medseg3d predict -m WORK_DIR -i CASE_FILE -o OUT --batch-size 1` "
+                  "(or --device cpu); the trained checkpoints are saved",
 }
 _OUTPUT_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
                   errno.EACCES: "permission denied", errno.EPERM: "permission denied",
@@ -112,9 +114,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def out_of_memory_message(command: str | None) -> str:
-    """The one message for a CUDA out-of-memory error in `command` (train, plan, predict, ...): what to lower."""
+    """The one message for a CUDA out-of-memory error in `command` (train, plan, predict, ..., or
+    `validation`, training's final validation): what to lower."""
     advice = _OOM_ADVICE.get(command or "", "retry with --device cpu, or free the GPU (see nvidia-smi)")
-    return f"the GPU ran out of memory{f' in `medseg3d {command}`' if command else ''}; {advice}"
+    return f"the GPU ran out of memory; {advice}"
 
 
 def os_error_message(exc: OSError, path: object = None, *, atomic_write: bool = False) -> str | None:

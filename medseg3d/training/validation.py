@@ -88,7 +88,7 @@ def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: st
             except OutputError:
                 raise
             except Exception as exc:
-                why = describe_case_error(exc, "train")
+                why = describe_case_error(exc, "validation")
                 log.error("validation %s failed: %s", name, why)
                 log.debug("traceback of validation case %s", name, exc_info=True)
                 failed.append((name, why))
