@@ -36,6 +36,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fair import alternating
+
 MEDSEG_API = """
 import json, sys, time
 from medseg3d.evaluation import evaluate_folders
@@ -128,8 +131,7 @@ def main() -> None:
         n = make_predictions(args.data, tmp / "pred")
         w = str(args.workers)
         for r in range(args.rounds):
-            order = ["medseg3d", "nnU-Net"] if r % 2 == 0 else ["nnU-Net", "medseg3d"]
-            for tool in order:
+            for tool in alternating(["medseg3d", "nnU-Net"], r):
                 if tool == "medseg3d":
                     _, out = _run([sys.executable, "-c", MEDSEG_API, str(tmp / "pred"), str(args.data), w,
                                    str(tmp / "m.json")], env)

@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fair import alternating
+
 PLAN = {"patch": [40, 56, 40], "batch": 7, "in_channels": 1, "num_classes": 3,
             "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 4,
             "features": [32, 64, 128, 256]}
@@ -173,7 +176,7 @@ def main() -> None:
                 continue
             steps[n]()  # warm-up
         for r in range(args.reps):
-            for n in (nets if r % 2 == 0 else nets[::-1]):
+            for n in alternating(nets, r):
                 t0, c0 = time.perf_counter(), time.process_time()
                 steps[n]()
                 times.setdefault((n, mode), []).append(time.perf_counter() - t0)
