@@ -1,7 +1,8 @@
 """One budget rule, one clock and one run order for timed medseg3d vs nnU-Net comparisons.
 
-Shared by `e2e_hippocampus.py` (and its nnU-Net driver `_nnunet_budget_train.py`), `bench_predict.py`
-and issue 20's `budget_hippocampus.py`, so every timed comparison follows the same rules:
+Shared by `e2e_hippocampus.py` (and its nnU-Net driver `_nnunet_budget_train.py`; issue 20's
+`budget_hippocampus.py` is to reuse both), `bench_predict.py`, `bench_train.py`, `bench_plan.py`,
+`bench_evaluate.py` and `bench_networks.py`, so every timed comparison follows the same rules:
 
 * **Budget rule.** The number of epochs is sized by `medseg3d train --time-budget`'s own rule
   (`_fit_budget` in `medseg3d/training/trainer.py`), *called* here rather than copied, so nnU-Net is
