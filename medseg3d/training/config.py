@@ -97,15 +97,20 @@ def check_patch_size(patch: Sequence[int], strides: Sequence[Sequence[int]], con
     decoder's skip connections need the halvings to be exact, so axis a must be divisible by
     prod(s[a] for s in strides). The message names each bad axis and the two nearest sizes that work.
     """
-    divisor = [math.prod(int(s[a]) for s in strides) for a in range(len(patch))]
-    bad = [(a, int(p), d) for a, (p, d) in enumerate(zip(patch, divisor)) if int(p) % d]
+    sizes = [int(p) for p in patch]
+    divisor = [math.prod(int(s[a]) for s in strides) for a in range(len(sizes))]
+    bad = [(a, p, d) for a, (p, d) in enumerate(zip(sizes, divisor)) if p % d]
     if not bad:
         return
-    def fits(p: int, d: int) -> str:
-        lower, upper = (p // d) * d, (p // d + 1) * d
-        return f"{lower} or {upper}" if lower > 0 else f"{upper}"
-    axes = "; ".join(f"axis {a} is {p}, not a multiple of {d} (use {fits(p, d)})" for a, p, d in bad)
-    good = ",".join(str(int(p) if int(p) % d == 0 else max(d, (int(p) + d // 2) // d * d)) for p, d in zip(patch, divisor))
-    raise ConfigError(f"--patch-size {','.join(str(int(p)) for p in patch)} does not fit the {config_name} network: "
+    axes = "; ".join(f"axis {a} is {p}, not a multiple of {d} (use {_multiples_around(p, d)})" for a, p, d in bad)
+    # the nearest multiple on each axis (ties upwards), at least one
+    good = ",".join(str(max(d, (p + d // 2) // d * d)) for p, d in zip(sizes, divisor))
+    raise ConfigError(f"--patch-size {','.join(map(str, sizes))} does not fit the {config_name} network: "
                       f"its strides divide each axis by {'x'.join(map(str, divisor))}, and {axes}. "
                       f"Try --patch-size {good}")
+
+
+def _multiples_around(p: int, d: int) -> str:
+    """The multiples of `d` just below and above `p` ("16 or 24"; only the upper one when the lower is 0)."""
+    lower, upper = (p // d) * d, (p // d + 1) * d
+    return f"{lower} or {upper}" if lower > 0 else f"{upper}"
