@@ -88,3 +88,30 @@ def test_alternating_order() -> None:
     assert _fair.alternating(["a", "b", "c"], 0) == ["a", "b", "c"]
     assert _fair.alternating(["a", "b", "c"], 1) == ["c", "b", "a"]
     assert _fair.median([3.0, 1.0, 2.0]) == 2.0
+
+
+def test_bench_predict_alternates_and_pairs_like_with_like(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import bench_predict
+
+    order: list[str] = []
+    seconds = {"nnunet": [4.0, 6.0, 5.0], "medseg3d_fp32": [2.0, 2.0, 3.0], "medseg3d_bf16": [1.0, 1.0, 1.0]}
+
+    def fake_child(kind: str, spec: dict, tag: str, workdir: Path) -> dict:
+        name = tag.split("_", 1)[1]
+        order.append(name)
+        s = seconds[name][sum(n == name for n in order) - 1]
+        return {"cases": 2, "total_s": 2 * s, "per_case_s": [s, s], "peak_rss_mb": 1000.0 if name == "nnunet" else 500.0,
+                "process_wall_s": 2 * s, "load_before": 0.0, "load_after": 0.0}
+
+    monkeypatch.setattr(bench_predict, "run_child", fake_child)
+    tools = [("nnunet", "nnunet", {}), ("medseg3d_fp32", "medseg", {"precision": "fp32"}),
+             ("medseg3d_bf16", "medseg", {"precision": "bf16"})]
+    res = bench_predict.compare(tools, 3, tmp_path, "t")
+    assert order[:6] == ["nnunet", "medseg3d_fp32", "medseg3d_bf16", "medseg3d_bf16", "medseg3d_fp32", "nnunet"]
+    assert res["nnunet"]["median_s_per_case"] == 5.0
+    fp32, bf16 = res["ratios"]["medseg3d_fp32"], res["ratios"]["medseg3d_bf16"]
+    assert fp32["like_for_like"] and not bf16["like_for_like"]
+    assert fp32["speed_median"] == pytest.approx(5.0 / 2.0)
+    assert fp32["speed_per_rep"] == pytest.approx([2.0, 3.0, 5.0 / 3.0])  # each rep's own pair
+    assert fp32["peak_rss_median"] == pytest.approx(2.0)
+    assert "[other precision]" in bench_predict.table("t", res)
