@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medseg3d.losses import deep_supervision_weights
+
 
 class EncoderDecoder(nn.Module):
     """`encoder` (ModuleList, one module per stage) + a decoder called as `decoder(skips, all_outputs)`.
@@ -14,13 +16,15 @@ class EncoderDecoder(nn.Module):
     decoder stage down to the one just above the bottleneck (len(features) - 1 outputs, as
     nnU-Net v2); in eval mode or with deep_supervision=False one tensor `(B, K, *patch)`.
     The deep-supervision heads always exist, so one state_dict loads with or without them.
+    `output_weights`: nnU-Net's deep-supervision loss weights (`losses.deep_supervision_weights`).
     """
 
-    def __init__(self, encoder: nn.ModuleList, decoder: nn.Module, deep_supervision: bool) -> None:
+    def __init__(self, encoder: nn.ModuleList, decoder: nn.Module, deep_supervision: bool, num_stages: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.deep_supervision = deep_supervision
+        self.output_weights = deep_supervision_weights(num_stages - 1) if deep_supervision else [1.0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         skips = []

@@ -20,15 +20,21 @@ from torch import nn
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _TCONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _AVGPOOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_BATCHNORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+#: Normalisations an architecture's `norm` option may name.
+NORMS = ("instance", "batch", "none")
 NORM_EPS = 1e-5
 LEAKY_SLOPE = 1e-2
 
 
 def conv(dims: int, cin: int, cout: int, kernel: Sequence[int] | int, stride: Sequence[int] | int = 1,
-         bias: bool = True) -> nn.Module:
-    """`dims`-D convolution padded by `(kernel - 1) // 2` per axis (same size for odd kernels; kernel == stride tiles)."""
+         bias: bool = True, dilation: Sequence[int] | int = 1) -> nn.Module:
+    """`dims`-D convolution padded by `dilation * (kernel - 1) // 2` per axis (same size for odd
+    kernels; kernel == stride tiles). An axis with kernel 1 ignores its dilation."""
     k = _tuple(kernel, dims)
-    return _CONV[dims](cin, cout, k, _tuple(stride, dims), padding=tuple((i - 1) // 2 for i in k), bias=bias)
+    d = tuple(di if ki > 1 else 1 for di, ki in zip(_tuple(dilation, dims), k))
+    pad = tuple(di * (ki - 1) // 2 for di, ki in zip(d, k))
+    return _CONV[dims](cin, cout, k, _tuple(stride, dims), padding=pad, dilation=d, bias=bias)
 
 
 def transposed_conv(dims: int, cin: int, cout: int, stride: Sequence[int], bias: bool = True) -> nn.Module:
@@ -115,12 +121,25 @@ def activation(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown activation {kind!r}")
 
 
+def norm_layer(kind: str, dims: int, channels: int) -> nn.Module:
+    """`instance` (medseg3d's default, affine), `batch` (the papers' BatchNorm) or `none` (identity)."""
+    if kind == "instance":
+        return InstanceNorm(channels)
+    if kind == "batch":
+        return _BATCHNORM[dims](channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; valid: {', '.join(NORMS)}")
+
+
 class ConvNormAct(nn.Sequential):
-    """conv -> instance norm -> activation (`act=None` leaves the activation out)."""
+    """conv -> norm (instance by default) -> activation (`act=None` leaves the activation out)."""
 
     def __init__(self, dims: int, cin: int, cout: int, kernel: Sequence[int] | int,
-                 stride: Sequence[int] | int = 1, act: str | None = "lrelu", bias: bool = True) -> None:
-        layers: list[nn.Module] = [conv(dims, cin, cout, kernel, stride, bias=bias), InstanceNorm(cout)]
+                 stride: Sequence[int] | int = 1, act: str | None = "lrelu", bias: bool = True,
+                 dilation: Sequence[int] | int = 1, norm: str = "instance") -> None:
+        layers: list[nn.Module] = [conv(dims, cin, cout, kernel, stride, bias=bias, dilation=dilation),
+                                   norm_layer(norm, dims, cout)]
         if act is not None:
             layers.append(activation(act, cout))
         super().__init__(*layers)
@@ -130,9 +149,10 @@ class StackedConv(nn.Sequential):
     """`n` ConvNormAct blocks; the first maps cin -> cout with `stride`, the rest cout -> cout."""
 
     def __init__(self, dims: int, n: int, cin: int, cout: int, kernel: Sequence[int],
-                 stride: Sequence[int] | int = 1, act: str = "lrelu") -> None:
-        blocks = [ConvNormAct(dims, cin, cout, kernel, stride, act)]
-        blocks += [ConvNormAct(dims, cout, cout, kernel, 1, act) for _ in range(n - 1)]
+                 stride: Sequence[int] | int = 1, act: str = "lrelu", dilation: Sequence[int] | int = 1,
+                 norm: str = "instance") -> None:
+        blocks = [ConvNormAct(dims, cin, cout, kernel, stride, act, dilation=dilation, norm=norm)]
+        blocks += [ConvNormAct(dims, cout, cout, kernel, 1, act, dilation=dilation, norm=norm) for _ in range(n - 1)]
         super().__init__(*blocks)
 
 
@@ -196,3 +216,48 @@ class UNetDecoder(nn.Module):
 
 def _tuple(v: Sequence[int] | int, dims: int) -> tuple[int, ...]:
     return (int(v),) * dims if isinstance(v, int) else tuple(int(i) for i in v)
+
+
+_INTERP = {2: "bilinear", 3: "trilinear"}
+
+
+def upsample_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """`(B, C, *s)` resized to spatial `size` (bi/trilinear, align_corners=False); unchanged when equal."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode=_INTERP[x.dim() - 2], align_corners=False)
+
+
+def bilinear_kernel_1d(factor: int) -> torch.Tensor:
+    """The 1D linear-interpolation filter of a transposed conv upsampling by `factor` (length 2f - f % 2)."""
+    size = 2 * factor - factor % 2
+    centre = factor - 1 if size % 2 == 1 else factor - 0.5
+    x = torch.arange(size, dtype=torch.float64)
+    return (1 - (x - centre).abs() / factor).clamp_min(0).float()
+
+
+class BilinearUpsample(nn.Module):
+    """FCN's learnable upsampling: depthwise transposed conv per axis factor, initialised to bi/trilinear.
+
+    `(B, C, *s) -> (B, C, *s * factor)` exactly (kernel 2f - f % 2, padding (kernel - f) // 2 per
+    axis); an axis with factor 1 is left alone (kernel 1, weight 1). No bias.
+    """
+
+    def __init__(self, dims: int, channels: int, factor: Sequence[int], learnable: bool = True) -> None:
+        super().__init__()
+        f = _tuple(factor, dims)
+        k = tuple(2 * i - i % 2 for i in f)
+        self.up = _TCONV[dims](channels, channels, k, f, padding=tuple((ki - fi) // 2 for ki, fi in zip(k, f)),
+                               groups=channels, bias=False)
+        w = torch.ones(())
+        for axis, fi in enumerate(f):
+            shape = [1] * dims
+            shape[axis] = k[axis]
+            w = w * bilinear_kernel_1d(fi).reshape(shape)
+        with torch.no_grad():
+            self.up.weight.copy_(w.expand_as(self.up.weight))
+        self.up.weight.requires_grad_(learnable)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(x)

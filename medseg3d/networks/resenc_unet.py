@@ -29,7 +29,7 @@ def blocks_per_stage(n_stages: int) -> list[int]:
 @register_architecture("resenc_unet")
 def build_resenc_unet(*, in_channels: int, num_classes: int, dims: int, strides: Sequence[Sequence[int]],
                       kernel_sizes: Sequence[Sequence[int]], features: Sequence[int],
-                      deep_supervision: bool = True) -> nn.Module:
+                      patch_size: Sequence[int] | None = None, deep_supervision: bool = True) -> nn.Module:
     """Residual-encoder U-Net; arguments as `medseg3d.networks.build_network`."""
     encoder = nn.ModuleList()
     cin = features[0]
@@ -40,4 +40,4 @@ def build_resenc_unet(*, in_channels: int, num_classes: int, dims: int, strides:
         encoder.append(nn.Sequential(*blocks))
         cin = f
     decoder = UNetDecoder(dims, num_classes, features, strides, kernel_sizes, DECODER_CONVS)
-    return EncoderDecoder(encoder, decoder, deep_supervision)
+    return EncoderDecoder(encoder, decoder, deep_supervision, len(features))

@@ -22,7 +22,7 @@ CONVS_PER_STAGE = 2
 @register_architecture("unet")
 def build_unet(*, in_channels: int, num_classes: int, dims: int, strides: Sequence[Sequence[int]],
                kernel_sizes: Sequence[Sequence[int]], features: Sequence[int],
-               deep_supervision: bool = True) -> nn.Module:
+               patch_size: Sequence[int] | None = None, deep_supervision: bool = True) -> nn.Module:
     """Plain U-Net; arguments as `medseg3d.networks.build_network`."""
     encoder = nn.ModuleList()
     cin = in_channels
@@ -30,4 +30,4 @@ def build_unet(*, in_channels: int, num_classes: int, dims: int, strides: Sequen
         encoder.append(StackedConv(dims, CONVS_PER_STAGE, cin, f, k, s))
         cin = f
     decoder = UNetDecoder(dims, num_classes, features, strides, kernel_sizes, CONVS_PER_STAGE)
-    return EncoderDecoder(encoder, decoder, deep_supervision)
+    return EncoderDecoder(encoder, decoder, deep_supervision, len(features))

@@ -92,11 +92,12 @@ class VNetDecoder(nn.Module):
 @register_architecture("vnet")
 def build_vnet(*, in_channels: int, num_classes: int, dims: int, strides: Sequence[Sequence[int]],
                kernel_sizes: Sequence[Sequence[int]], features: Sequence[int],
-               deep_supervision: bool = True) -> nn.Module:
+               patch_size: Sequence[int] | None = None, deep_supervision: bool = True) -> nn.Module:
     """V-Net; arguments as `medseg3d.networks.build_network`."""
     encoder = nn.ModuleList()
     cin = in_channels
     for s, (f, st, k) in enumerate(zip(features, strides, kernel_sizes)):
         encoder.append(EncoderStage(dims, s, cin, f, st, k))
         cin = f
-    return EncoderDecoder(encoder, VNetDecoder(dims, num_classes, features, strides, kernel_sizes), deep_supervision)
+    return EncoderDecoder(encoder, VNetDecoder(dims, num_classes, features, strides, kernel_sizes), deep_supervision,
+                          len(features))

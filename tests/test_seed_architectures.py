@@ -1,0 +1,169 @@
+"""The seed architectures (FCN, SegNet, DeepLab v3/v3+, PSPNet) under the architecture contract.
+
+2D and 3D, isotropic and anisotropic plans: output shapes, gradients everywhere, declared training
+outputs, options validated with the valid values listed, checkpoint round trip, and a short CPU
+training on a synthetic shape that must learn it (Dice > 0.9: a learning test, not a timed one).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medseg3d.errors import ConfigError
+from medseg3d.inference.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
+from medseg3d.losses import DeepSupervisionLoss, DiceCELoss
+from medseg3d.networks import build_network, get_architecture, list_architectures, parse_option_args
+from medseg3d.networks.blocks import BilinearUpsample
+from medseg3d.networks.deeplab import atrous_rates
+from medseg3d.networks.encoders import dilated_topology
+from medseg3d.networks.pspnet import clamp_bins
+
+torch.set_num_threads(1)
+SEEDS = ["fcn", "segnet", "deeplabv3", "deeplabv3plus", "pspnet"]
+PLANS = {
+    "3d_iso": dict(dims=3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 4,
+                   features=[4, 8, 16, 16], patch_size=[40, 56, 40]),
+    # a coarse third axis: pooled at one stage only, kernel 1 at full resolution
+    "3d_aniso": dict(dims=3, strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 1]],
+                     kernel_sizes=[[3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]], features=[4, 8, 16, 16],
+                     patch_size=[48, 40, 12]),
+    "2d": dict(dims=2, strides=[[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]], kernel_sizes=[[3, 3]] * 5,
+               features=[4, 8, 16, 16, 16], patch_size=[64, 48]),
+}
+
+
+def test_every_seed_architecture_is_registered():
+    assert set(SEEDS) <= set(list_architectures())
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("arch", SEEDS)
+def test_shapes_gradients_and_declared_outputs(arch, plan):
+    p = PLANS[plan]
+    torch.manual_seed(0)
+    net = build_network(arch, in_channels=2, num_classes=3, **p).train()
+    x = torch.randn(2, 2, *p["patch_size"])
+    out = net(x)
+    outs = out if isinstance(out, list) else [out]
+    assert len(outs) == len(net.output_weights)
+    assert all(tuple(o.shape) == (2, 3, *p["patch_size"]) for o in outs)
+    loss = DeepSupervisionLoss(DiceCELoss(), weights=net.output_weights)(out, torch.randint(0, 3, (2, *p["patch_size"])))
+    loss.backward()
+    missing = [n for n, q in net.named_parameters() if q.grad is None or not torch.isfinite(q.grad).all()
+               or q.grad.abs().sum() == 0]
+    assert not missing, missing
+    net.eval()
+    with torch.no_grad():
+        single = net(x)
+    assert isinstance(single, torch.Tensor) and tuple(single.shape) == (2, 3, *p["patch_size"])
+
+
+def test_declared_loss_weights():
+    p = PLANS["3d_iso"]
+    assert build_network("pspnet", in_channels=1, num_classes=2, **p).output_weights == [1.0, 0.4]
+    assert build_network("pspnet", in_channels=1, num_classes=2, options={"aux": "false"}, **p).output_weights == [1.0]
+    for arch in ("fcn", "segnet", "deeplabv3", "deeplabv3plus"):
+        assert build_network(arch, in_channels=1, num_classes=2, **p).output_weights == [1.0]
+    unet = build_network("unet", in_channels=1, num_classes=2, **p)
+    assert unet.output_weights == pytest.approx([2 / 3, 1 / 3, 0.0])  # nnU-Net's weights, 3 decoder outputs
+
+
+def test_options_are_validated_with_the_valid_values_listed():
+    p = PLANS["3d_iso"]
+    with pytest.raises(ConfigError, match=r"output_stride=4.*valid: 8, 16"):
+        build_network("deeplabv3plus", in_channels=1, num_classes=2, options={"output_stride": "4"}, **p)
+    with pytest.raises(ConfigError, match=r"no option 'varient'.*Did you mean 'variant'.*Valid options: variant"):
+        build_network("fcn", in_channels=1, num_classes=2, options={"varient": "16s"}, **p)
+    with pytest.raises(ConfigError, match="valid: 32s, 16s, 8s"):
+        build_network("fcn", in_channels=1, num_classes=2, options={"variant": "4s"}, **p)
+    with pytest.raises(ConfigError, match=r"Did you mean 'pspnet'.*Valid names: .*segnet"):
+        build_network("pspnte", in_channels=1, num_classes=2, **p)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_option_args(["output_stride"])
+    assert parse_option_args(["output_stride=8", "rates=paper"]) == {"output_stride": "8", "rates": "paper"}
+    opts = get_architecture("deeplabv3").resolve_options({"rates": "3,6,9", "output_stride": "8"})
+    assert opts["rates"] == [3, 6, 9] and opts["output_stride"] == 8
+    assert get_architecture("pspnet").resolve_options({"aux": "no"})["aux"] is False
+
+
+def test_fcn_variants_fuse_the_named_number_of_levels():
+    p = PLANS["3d_iso"]
+    counts = {v: len(build_network("fcn", in_channels=1, num_classes=2, options={"variant": v}, **p).scores)
+              for v in ("32s", "16s", "8s")}
+    assert counts == {"32s": 1, "16s": 2, "8s": 3}
+
+
+def test_bilinear_upsample_interpolates():
+    up = BilinearUpsample(2, 1, [2, 1])  # an axis with factor 1 is left alone
+    ramp = torch.arange(8, dtype=torch.float32).reshape(1, 1, 8, 1).expand(1, 1, 8, 3).contiguous()
+    y = up(ramp)
+    assert tuple(y.shape) == (1, 1, 16, 3)
+    inner = y[0, 0, 1:-1, 0]  # linear interpolation of a ramp is a ramp of half the step
+    assert torch.allclose(inner[1:] - inner[:-1], torch.full_like(inner[1:], 0.5), atol=1e-5)
+
+
+def test_segnet_pools_only_where_the_plan_does():
+    net = build_network("segnet", in_channels=1, num_classes=2, **PLANS["3d_aniso"])
+    assert net.pools == [(2, 2, 1), (2, 2, 2), (2, 2, 1)]
+
+
+def test_output_stride_rule_and_rates_on_small_maps():
+    strides = [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 1]]
+    new, dil = dilated_topology(strides, 8)
+    assert new == [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [1, 1, 1]]
+    assert dil == [[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1], [2, 2, 1]]  # the coarse axis is not dilated
+    # a 40x56x40 hippocampus patch at output stride 8: a 5x7x5 map, where 6/12/18 would sample padding only
+    assert atrous_rates([5, 7, 5], 8, "auto") == [[1, 1, 1], [2, 3, 2], [3, 4, 3]]
+    assert atrous_rates([5, 7, 5], 16, "paper") == [[6] * 3, [12] * 3, [18] * 3]
+    assert atrous_rates([33, 33], 16, "auto") == [[6, 6], [12, 12], [18, 18]]  # the paper's map: the paper's rates
+    assert clamp_bins([1, 2, 3, 6], [5, 7, 2]) == [[1, 1, 1], [2, 2, 2], [3, 3, 2], [5, 6, 2]]
+    net = build_network("deeplabv3", in_channels=1, num_classes=2, options={"output_stride": 8}, **PLANS["3d_iso"])
+    assert net.map_size == [5, 7, 5] and net.rates == [[1, 1, 1], [2, 3, 2], [3, 4, 3]]
+
+
+@pytest.mark.parametrize("arch", SEEDS)
+def test_checkpoint_round_trip_predicts_identically(arch, tmp_path):
+    p = PLANS["3d_aniso"]
+    options = {"pspnet": {"bins": "1,2,4"}, "fcn": {"variant": "16s"}, "deeplabv3plus": {"output_stride": 8},
+               "deeplabv3": {"rates": "paper"}, "segnet": {"convs": 1}}[arch]
+    torch.manual_seed(1)
+    net = build_network(arch, in_channels=1, num_classes=3, options=options, **p)
+    kwargs = {k: v for k, v in p.items()} | {"options": net.arch_options}
+    path = tmp_path / "checkpoint_final.pt"
+    save_checkpoint(path, {"plan_hash": "a" * 64, "configuration": "3d_fullres", "architecture": arch,
+                           "network_kwargs": kwargs, "in_channels": 1, "num_classes": 3, "model": net.state_dict()})
+    again = build_model_from_checkpoint(load_checkpoint(path))
+    assert again.arch_options == net.arch_options
+    x = torch.randn(1, 1, *p["patch_size"])
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), again(x))
+
+
+def _discs(g: torch.Generator, n: int = 8, size: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy images `(n, 1, size, size)` of one bright disc each and their masks `(n, size, size)`."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    c = torch.randint(14, size - 14, (n, 2), generator=g)
+    r = torch.randint(8, 14, (n,), generator=g)
+    mask = (yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2 <= r[:, None, None] ** 2
+    return (mask.float() + 0.5 * torch.randn(n, size, size, generator=g))[:, None], mask.long()
+
+
+@pytest.mark.parametrize("arch", SEEDS)
+def test_learns_a_synthetic_shape(arch):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    net = build_network(arch, in_channels=1, num_classes=2, dims=2, strides=[[1, 1], [2, 2], [2, 2], [2, 2]],
+                        kernel_sizes=[[3, 3]] * 4, features=[8, 16, 32, 32], patch_size=[48, 48]).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    loss_fn = DeepSupervisionLoss(DiceCELoss(), weights=net.output_weights)
+    for _ in range(200):
+        x, y = _discs(g)
+        opt.zero_grad()
+        loss_fn(net(x), y).backward()
+        opt.step()
+    x, y = _discs(torch.Generator().manual_seed(99), 16)
+    with torch.no_grad():
+        pred = net.eval()(x).argmax(1)
+    dice = 2 * ((pred == 1) & (y == 1)).sum() / ((pred == 1).sum() + (y == 1).sum())
+    assert float(dice) > 0.9
