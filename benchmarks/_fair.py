@@ -149,6 +149,18 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def settle(threshold: float = 0.5, timeout_s: float = 180.0, poll_s: float = 5.0) -> float:
+    """Wait until the 1-minute load average falls below `threshold` (or `timeout_s` passes); returns it.
+
+    Between two long timed runs the previous run's own load takes about 1.5 min to decay below 0.5 on
+    two cores; a load that stays above says another job is on the machine (the report shows it).
+    """
+    end = time.monotonic() + timeout_s
+    while load_average() >= threshold and time.monotonic() < end:
+        time.sleep(poll_s)
+    return load_average()
+
+
 @dataclass
 class Run:
     """One finished process: its command, exit code, wall-clock launch/end and the load around it."""

@@ -32,10 +32,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # as in a DataLoader worker
 
-    from medseg3d.data.augment import augment_batch
+    from medseg3d.data.augment import augment_batch, augment_params_for
     from medseg3d.data.loader import BatchStream, StreamSpec, enlarged_patch
     from medseg3d.plans import Plans
-    from medseg3d.data.augment import augment_params_for
     from medseg3d.training.trainer import _train_cases
 
     plans = Plans.load(args.work / "plans.json")

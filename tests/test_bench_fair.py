@@ -115,3 +115,12 @@ def test_bench_predict_alternates_and_pairs_like_with_like(monkeypatch: pytest.M
     assert fp32["speed_per_rep"] == pytest.approx([2.0, 3.0, 5.0 / 3.0])  # each rep's own pair
     assert fp32["peak_rss_median"] == pytest.approx(2.0)
     assert "[other precision]" in bench_predict.table("t", res)
+
+
+def test_settle_waits_for_the_load_to_fall(monkeypatch: pytest.MonkeyPatch) -> None:
+    loads = iter([1.8, 1.2, 0.7, 0.4, 0.4])
+    slept: list[float] = []
+    monkeypatch.setattr(_fair, "load_average", lambda: next(loads))
+    monkeypatch.setattr(_fair.time, "sleep", slept.append)
+    assert _fair.settle(0.5, timeout_s=1e6, poll_s=5) == 0.4
+    assert slept == [5, 5, 5]
