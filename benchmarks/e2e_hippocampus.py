@@ -103,11 +103,15 @@ def main() -> None:
     splits = make_splits([c.name for c in load_dataset(args.data).cases])
     report_path = out / "e2e_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    report.update({"fold": args.fold, "budget_min": args.budget_min, "threads_each": args.threads, "rule": RULE,
-                   "iterations_per_epoch": args.iterations_per_epoch, "val_iterations": args.val_iterations,
-                   "medseg3d_args": args.medseg3d_args, "cpu_count": os.cpu_count(),
-                   "run_order": "one tool at a time, in --tools order"})
-    if not args.score_only:
+    if args.score_only:  # score the run that is there, with its own fold and medseg3d options
+        args.fold = int(report.get("fold", args.fold))
+        args.medseg3d_args = report.get("medseg3d_args", args.medseg3d_args)
+    report.setdefault("fold", args.fold)
+    if not args.score_only:  # the run's settings; --score-only keeps those of the run it scores
+        report.update({"fold": args.fold, "budget_min": args.budget_min, "threads_each": args.threads, "rule": RULE,
+                       "iterations_per_epoch": args.iterations_per_epoch, "val_iterations": args.val_iterations,
+                       "medseg3d_args": args.medseg3d_args, "cpu_count": os.cpu_count(),
+                       "run_order": "one tool at a time, in --tools order"})
         tools = [t for t in args.tools.split(",") if t]
         report.setdefault("plan", {}).update(plan_both(args, out, work, env, splits))
         for tool in tools:  # one at a time: each has the machine to itself
