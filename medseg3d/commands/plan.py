@@ -44,6 +44,19 @@ def show_plans(plans) -> None:
             cells.append(norm["scheme"] + extra)
         table.add_row(f"norm ch{ch} ({cname})", *cells)
     table.add_row("plan hash", *[plans.network_hash(n)[:12] for n in names])
+    archs = sorted({a for n in names for a in plans.configurations[n].planned_architectures})
+    for a in archs:
+        cells = []
+        for n in names:
+            view = plans.configurations[n]
+            if a not in view.planned_architectures:
+                cells.append("-")
+                continue
+            v = view.for_architecture(a)
+            opts = " ".join(f"{k}={_fmt(x)}" for k, x in sorted(v.architecture_options.items()))
+            cells.append(f"patch {_fmt(v.raw['patch_size'])}, batch {v.batch_size}, "
+                         f"{_fmt(v.raw.get('estimated_memory_gb'))} GB; {opts}")
+        table.add_row(f"arch {a}", *cells)
     console.print(table)
     console.print(f"labels: {plans.labels}  schema {plans.schema_version}")
 
@@ -64,11 +77,14 @@ def register(app: typer.Typer) -> None:
             "(default: all the rules call for)."
         ),
         workers: int = typer.Option(0, "--workers", "-j", help="Parallel processes (0 = min(8, CPU count))."),
-        arch: str = typer.Option("unet", "--arch", help="Default architecture recorded in the plan."),
+        arch: str = typer.Option("unet", "--arch", help="Default architecture; other than unet, each configuration "
+                                 "also gets a patch, batch and topology sized for that architecture's own memory."),
+        arch_option: list[str] = typer.Option([], "--arch-option",
+                                              help="key=value option of --arch, repeatable (stored in the plan)."),
         show: bool = typer.Option(False, "--show", help="Print each configuration as a table."),
     ) -> None:
         """Verify, fingerprint, plan and preprocess a dataset (rerunning skips what is done and valid)."""
-        from medseg3d.errors import ConfigError, InputError
+        from medseg3d.errors import InputError
         from medseg3d.plans import Plans
 
         if output is None:
@@ -80,16 +96,16 @@ def register(app: typer.Typer) -> None:
         if gpu_memory is not None and gpu_memory <= 0:
             raise InputError(f"--gpu-memory must be a positive number of GB, got {gpu_memory}")
         wanted = [c.strip() for c in configs.split(",") if c.strip()] or None
-        if arch != "unet":  # the registry imports torch (1-2 s, ~200 MB per worker); the default needs no check
-            from medseg3d.networks import list_architectures
+        options = None
+        if arch != "unet" or arch_option:  # the registry imports torch (1-2 s); the default needs no check
+            from medseg3d.networks import get_architecture, parse_option_args
 
-            if arch not in list_architectures():
-                raise ConfigError(f"unknown architecture {arch!r}; valid: {', '.join(list_architectures())}")
+            options = get_architecture(arch).resolve_options(parse_option_args(arch_option))
         from medseg3d.preprocess.run import plan_and_preprocess
 
         plans, report = plan_and_preprocess(
             folder, output, gpu_memory_gb=gpu_memory, configs=wanted,
-            workers=workers or min(8, os.cpu_count() or 1), arch=arch,
+            workers=workers or min(8, os.cpu_count() or 1), arch=arch.lower(), arch_options=options,
         )
         for ident, n in report.written.items():
             console.print(f"{ident}: {n} case(s) preprocessed, {report.skipped[ident]} already done; "

@@ -35,7 +35,11 @@ def register(app: typer.Typer) -> None:
         work_dir: Path = typer.Argument(..., help="WORK_DIR written by `medseg3d plan` (plans.json + preprocessed/)."),
         config: str = typer.Option("3d_fullres", "--config", "-c", help="Plan configuration: 2d, 3d_fullres, ..."),
         fold: str = typer.Option("0", "--fold", "-f", help="Fold 0-4 of splits.json, or 'all' (every case trains)."),
-        arch: str | None = typer.Option(None, "--arch", help="Architecture (default: the plan's, unet)."),
+        arch: str | None = typer.Option(None, "--arch", help="Architecture (default: the plan's, unet); "
+                                        "`medseg3d plan --arch NAME` sizes patch and batch for it."),
+        arch_option: list[str] = typer.Option([], "--arch-option",
+                                              help="key=value option of the architecture, repeatable (e.g. "
+                                                   "output_stride=8); docs/networks.md lists each one's options."),
         epochs: int = typer.Option(1000, "--epochs", help="Number of epochs."),
         iterations: int = typer.Option(250, "--iterations-per-epoch", help="Training iterations per epoch."),
         val_iterations: int = typer.Option(50, "--val-iterations", help="Validation patches batches per epoch."),
@@ -77,11 +81,12 @@ def register(app: typer.Typer) -> None:
         val_tta: bool = typer.Option(True, "--val-tta/--no-val-tta", help="Mirror TTA in the final validation."),
     ) -> None:
         """Train one fold with nnU-Net's recipe; writes WORK_DIR/results/CONFIG/ARCH/fold_K/."""
+        from medseg3d.networks.registry import parse_option_args
         from medseg3d.training import TrainConfig, train_fold
 
         patch = _ints(patch_size, "--patch-size")
         tc = TrainConfig(
-            architecture=arch, epochs=epochs, iterations_per_epoch=iterations, val_iterations=val_iterations,
+            architecture=arch, arch_options=parse_option_args(arch_option), epochs=epochs, iterations_per_epoch=iterations, val_iterations=val_iterations,
             batch_size=batch_size, patch_size=tuple(patch) if patch else None,
             features=_ints(features, "--features"), lr=lr, optimizer=optimizer, momentum=momentum,
             weight_decay=weight_decay,

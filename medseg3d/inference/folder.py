@@ -151,7 +151,8 @@ def predict_folder(
     if models is None and folds is not None:  # a mistyped fold is reported before any work
         have = available_folds(model_dir_of(work_dir, config, arch), checkpoint)
         if any(f not in have for f in folds):
-            load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config))  # raises, listing folds
+            # raises, listing the folds that exist
+            load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config, arch))
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be >= 1 (network inputs per forward pass), got {batch_size}")
     found, problems = input_cases_and_problems(input_path, plans.num_channels)
@@ -180,7 +181,7 @@ def predict_folder(
     if not todo:
         return _finish(summary, n_unusable, output_dir)
     if models is None:
-        models = load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config))
+        models = load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config, arch))
     models = [m.to(dev).eval() for m in models]
     postprocessing = _load_postprocessing(model_dir_of(work_dir, config, arch))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +201,7 @@ def predict_folder(
                     models, box.pop(), plans, config, step=step, use_mirroring=use_mirroring, device=dev,
                     postprocessing=postprocessing, return_probabilities=save_probabilities,
                     precision=precision, batch_size=batch_size, progress=lambda n: bar.advance(t_win, n),
-                    case=case.name)
+                    case=case.name, arch=arch)
                 write_segmentation(seg, geometry, out, overwrite=overwrite)
                 if probs is not None:
                     write_probabilities(probs, output_dir / f"{case.name}.npz", overwrite=True)

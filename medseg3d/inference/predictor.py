@@ -147,6 +147,7 @@ def predict_case(
     batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
     case: str = "",
+    arch: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment one image with the average of `models` (fold networks in eval mode).
 
@@ -156,11 +157,12 @@ def predict_case(
     window (Gaussian weights, `step` x patch, mirror TTA over the plan's `mirror_axes` when
     `use_mirroring`, softmax averaged over models), back to the original grid, uncrop,
     largest-component `postprocessing` (decision dict or None).
+    `arch`: the models' architecture (default: the plan's), whose planned patch the window uses.
     Returns `(seg (X, Y, Z) uint8, probabilities (K, X, Y, Z) float32 or None)`; the probabilities
     (only with `return_probabilities`) are the one full-resolution K-class array this makes.
     """
     check_input(image, plans, case)
-    config = plans.configuration(config_name)
+    config = plans.configuration(config_name).for_architecture(arch)
     dev = resolve_device(device)
     amp = resolve_amp(precision, dev)
     arr, spacing = image.array, tuple(image.spacing)

@@ -108,22 +108,61 @@ def trial_step(net, batch: int, in_channels: int, patch: Sequence[int], device, 
 
 
 def build_trial_network(arch: str, patch: Sequence[int], strides, kernels, features, in_channels: int,  # noqa: ANN001
-                        num_classes: int):
+                        num_classes: int, options: dict | None = None):
     """The network the plan describes, with deep supervision, in training mode."""
     from medseg3d.networks import build_network
 
     return build_network(arch, in_channels=in_channels, num_classes=num_classes, dims=len(patch),
                          strides=[list(s) for s in strides], kernel_sizes=[list(k) for k in kernels],
-                         features=list(features), deep_supervision=True).train()
+                         features=list(features), patch_size=list(patch), deep_supervision=True,
+                         options=options).train()
+
+
+def _hashable(options: dict | None) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (options or {}).items()))
+
+
+@lru_cache(maxsize=1024)
+def _meta_saved(arch: str, patch: tuple[int, ...], strides: tuple, kernels: tuple, features: tuple,
+                in_channels: int, num_classes: int, options: tuple) -> int:
+    import torch
+
+    with torch.device("meta"):
+        net = build_trial_network(arch, patch, strides, kernels, features, in_channels, num_classes,
+                                  {k: list(v) if isinstance(v, tuple) else v for k, v in options})
+        x = torch.empty(1, in_channels, *patch)
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    return total
+
+
+def saved_activation_bytes(
+    arch: str, patch: Sequence[int], strides: Sequence[Sequence[int]], kernels: Sequence[Sequence[int]],
+    features: Sequence[int], in_channels: int, num_classes: int, options: dict | None = None,
+) -> int:
+    """Bytes the autograd graph of one training sample saves for backward (fp32), measured on the
+    `meta` device: the architecture actually built, traced in milliseconds without allocating or
+    computing anything. Cached per shape."""
+    return _meta_saved(str(arch), tuple(int(p) for p in patch), tuple(map(tuple, strides)),
+                       tuple(map(tuple, kernels)), tuple(int(f) for f in features), int(in_channels),
+                       int(num_classes), _hashable(options))
 
 
 @lru_cache(maxsize=256)
 def _cuda_trial(arch: str, patch: tuple[int, ...], strides: tuple, kernels: tuple, features: tuple,
-                batch: int, in_channels: int, num_classes: int) -> float:
+                batch: int, in_channels: int, num_classes: int, options: tuple = ()) -> float:
     import torch
 
     dev = torch.device("cuda")
-    net = build_trial_network(arch, patch, strides, kernels, features, in_channels, num_classes).to(dev)
+    net = build_trial_network(arch, patch, strides, kernels, features, in_channels, num_classes,
+                              {k: list(v) if isinstance(v, tuple) else v for k, v in options}).to(dev)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     try:
@@ -139,28 +178,38 @@ def _cuda_trial(arch: str, patch: tuple[int, ...], strides: tuple, kernels: tupl
 
 def cuda_trial_bytes(
     arch: str, patch: Sequence[int], strides: Sequence[Sequence[int]], kernels: Sequence[Sequence[int]],
-    features: Sequence[int], batch: int, in_channels: int, num_classes: int,
+    features: Sequence[int], batch: int, in_channels: int, num_classes: int, options: dict | None = None,
 ) -> float:
     """Peak CUDA bytes of one AMP forward+backward+SGD step (inf on out-of-memory); cached per shape."""
     return _cuda_trial(arch, tuple(patch), tuple(map(tuple, strides)), tuple(map(tuple, kernels)),
-                       tuple(features), int(batch), int(in_channels), int(num_classes))
+                       tuple(features), int(batch), int(in_channels), int(num_classes), _hashable(options))
 
 
-def make_memory_fn(num_classes: int, in_channels: int, arch: str = "unet", measure_cuda: bool = False):
+def make_memory_fn(num_classes: int, in_channels: int, arch: str = "unet", measure_cuda: bool = False,
+                   options: dict | None = None):
     """`memory_fn(patch, strides, kernels, features, batch) -> bytes` for `rules.plan_topology_and_patch`.
 
-    measure_cuda: run a real trial on the current CUDA device (architecture `arch`); else analytic.
+    measure_cuda: run a real trial on the current CUDA device (architecture `arch`). Else the U-Net
+    is analytic (nnU-Net's calibrated count); any other architecture is the analytic U-Net bytes
+    scaled by the ratio of what the two networks' autograd graphs save for one sample at the same
+    patch and topology (`saved_activation_bytes`, traced on the meta device): its own memory, in
+    the units the calibration gives.
     """
 
     def analytic(patch, strides, kernels, features, batch):
         return analytic_bytes(patch, strides, features, batch, num_classes)
 
+    def scaled(patch, strides, kernels, features, batch):
+        own = saved_activation_bytes(arch, patch, strides, kernels, features, in_channels, num_classes, options)
+        ref = saved_activation_bytes("unet", patch, strides, kernels, features, in_channels, num_classes)
+        return analytic(patch, strides, kernels, features, batch) * own / max(1, ref)
+
     if not measure_cuda:
-        return analytic
+        return analytic if arch == "unet" else scaled
 
     def measured(patch, strides, kernels, features, batch):
         # measured at batch 2 (the unit of the budget rule), scaled linearly per sample
-        two = cuda_trial_bytes(arch, patch, strides, kernels, features, 2, in_channels, num_classes)
+        two = cuda_trial_bytes(arch, patch, strides, kernels, features, 2, in_channels, num_classes, options)
         return two / 2 * batch
 
     return measured

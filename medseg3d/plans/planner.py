@@ -73,16 +73,40 @@ def _configuration(
     }
 
 
+def _architecture_entry(config: dict[str, Any], arch: str, options: dict[str, Any], memory_fn: Any,
+                        budget_bytes: float, n_cases: int) -> dict[str, Any]:
+    """Patch, batch and topology of `config` re-planned for architecture `arch`'s own memory.
+
+    Same rules as the U-Net plan (the same spacing, median shape and budget), with `memory_fn`
+    measuring `arch` as built with `options`; stored under the configuration's `architectures`.
+    """
+    slice_axis = config["slice_axis"]
+    axes = list(range(3)) if slice_axis is None else [a for a in range(3) if a != slice_axis]
+    sp = [config["spacing"][a] for a in axes]
+    med = [max(1, int(config["median_shape"][a])) for a in axes]
+    n_vox = float(np.prod(config["median_shape"], dtype=np.float64)) * n_cases
+    topo = rules.plan_topology_and_patch(sp, med, memory_fn, budget_bytes, n_vox)
+    return {"patch_size": topo["patch_size"], "batch_size": topo["batch_size"], "strides": topo["strides"],
+            "kernel_sizes": topo["kernel_sizes"], "features": topo["features"], "options": options,
+            "estimated_memory_gb": round(topo["estimated_bytes"] / GIB, 3)}
+
+
 def plan_from_fingerprint(
     fingerprint: dict[str, Any],
     *,
     gpu_memory_gb: float = 8.0,
     configs: Sequence[str] | None = None,
     arch: str = "unet",
+    arch_options: dict[str, Any] | None = None,
     dataset_dir: str = "",
     measure_cuda: bool = False,
 ) -> Plans:
-    """Plan every requested configuration (default: all that the rules call for) for a fingerprint."""
+    """Plan every requested configuration (default: all that the rules call for) for a fingerprint.
+
+    The configurations' own keys are nnU-Net's U-Net plan. `arch` becomes the default architecture;
+    when it is not `unet`, each configuration also gets `architectures[arch]`: patch, batch and
+    topology sized for that architecture's own memory, built with `arch_options` (defaults filled in).
+    """
     wanted = list(configs) if configs else list(ALL_CONFIGS)
     unknown = [c for c in wanted if c not in ALL_CONFIGS]
     if unknown:
@@ -96,7 +120,8 @@ def plan_from_fingerprint(
     num_classes = max(labels) + 1
     channels = list(fingerprint["channel_names"])
     n_cases = int(fingerprint["num_cases"])
-    memory_fn = make_memory_fn(num_classes, len(channels), arch, measure_cuda)
+    arch = str(arch).lower()
+    memory_fn = make_memory_fn(num_classes, len(channels), "unet", measure_cuda)
     budget = gpu_memory_gb * GIB
     norm = rules.normalization_for(channels, fingerprint["foreground_intensity_properties_per_channel"],
                                    float(fingerprint.get("median_relative_size_after_cropping", 1.0)))
@@ -128,6 +153,13 @@ def plan_from_fingerprint(
             log.info("3d_lowres/cascade not planned: the 3d_fullres patch already covers >= 25%% of the median image")
     if configs and "3d_fullres" in configs and fullres is None:
         log.info("3d_fullres not planned: the median image is thin (2D-like) %s", [int(v) for v in full_med])
+    if arch != "unet":
+        from medseg3d.networks import get_architecture
+
+        options = get_architecture(arch).resolve_options(arch_options)
+        arch_fn = make_memory_fn(num_classes, len(channels), arch, measure_cuda, options)
+        for c in out.values():
+            c["architectures"] = {arch: _architecture_entry(c, arch, options, arch_fn, budget, n_cases)}
     raw = {
         "schema_version": SCHEMA_VERSION,
         "medseg3d_version": __version__,

@@ -123,7 +123,36 @@ class ConfigurationPlan:
 
     @property
     def architecture(self) -> str:
+        """The default architecture (`medseg3d plan --arch`), used when `train`/`predict` name none."""
         return str(self.raw["architecture"])
+
+    @property
+    def architecture_options(self) -> dict[str, Any]:
+        """The options this view's architecture is built with (defaults filled in by the registry)."""
+        return dict(self.raw.get("architecture_options") or {})
+
+    @property
+    def planned_architectures(self) -> list[str]:
+        """Architectures with a patch, batch and topology sized for their own memory (`plan --arch`)."""
+        return sorted(self.raw.get("architectures") or {})
+
+    def for_architecture(self, arch: str | None) -> ConfigurationPlan:
+        """This configuration as architecture `arch` sees it (None: the default architecture).
+
+        The U-Net keys (`patch_size`, `batch_size`, `strides`, `kernel_sizes`, `features`) are
+        nnU-Net's plan; an architecture planned with `medseg3d plan --arch NAME` has its own entry
+        under `architectures`, sized for its memory, which replaces them here, with its `options`
+        as `architecture_options`. An architecture never planned uses the U-Net keys and its
+        default options.
+        """
+        name = str(arch or self.architecture).lower()
+        raw = {k: copy.deepcopy(v) for k, v in self.raw.items() if k != "architectures"}
+        entry = copy.deepcopy((self.raw.get("architectures") or {}).get(name) or {})
+        options = entry.pop("options", None) or {}
+        raw.update(entry)
+        raw["architecture"] = name
+        raw["architecture_options"] = options
+        return ConfigurationPlan(self.name, raw)
 
     @property
     def mirror_axes(self) -> tuple[int, ...]:
@@ -164,12 +193,15 @@ class ConfigurationPlan:
         return self.raw["next_stage"]
 
     def network_kwargs(self) -> dict[str, Any]:
-        """Plain arguments for `medseg3d.networks.build_network`: dims, strides, kernel_sizes, features."""
+        """Plain arguments for `medseg3d.networks.build_network`: dims, strides, kernel_sizes,
+        features, patch_size and this view's architecture `options` (see `for_architecture`)."""
         return {
             "dims": self.dims,
             "strides": self.strides,
             "kernel_sizes": self.kernel_sizes,
             "features": self.features,
+            "patch_size": list(self.patch_size),
+            "options": self.architecture_options,
         }
 
 
@@ -231,24 +263,26 @@ class Plans:
             raise ConfigError(f"configuration {name!r} is not in this plan; valid: {valid}")
         return self.configurations[name]
 
-    def network_identity(self, name: str) -> dict[str, Any]:
-        """What a network trained on configuration `name` depends on (`NETWORK_KEYS`, labels, channels).
+    def network_identity(self, name: str, arch: str | None = None) -> dict[str, Any]:
+        """What a network of architecture `arch` (default: the plan's) trained on configuration
+        `name` depends on (`NETWORK_KEYS` of `for_architecture(arch)`, labels, channels).
 
-        Checkpoints store it beside `network_hash(name)`, so a refused checkpoint can say what differs.
+        The architecture and its options are not part of it: the checkpoint records those itself.
+        Checkpoints store it beside `network_hash`, so a refused checkpoint can say what differs.
         """
-        raw = self.configuration(name).raw
+        raw = self.configuration(name).for_architecture(arch).raw
         return copy.deepcopy({
             "labels": self.raw["labels"], "channel_names": self.raw["channel_names"],
             "configuration": {k: raw.get(k) for k in NETWORK_KEYS},
         })
 
-    def network_hash(self, name: str) -> str:
+    def network_hash(self, name: str, arch: str | None = None) -> str:
         """sha256 of `network_identity(name)` as canonical JSON: the plan hash checkpoints record.
 
         Re-planning the same data (from another folder, with another medseg3d version or GPU
         budget, or adding another configuration) keeps it; a change a network depends on does not.
         """
-        return identity_hash(self.network_identity(name))
+        return identity_hash(self.network_identity(name, arch))
 
     @property
     def schema_version(self) -> int:

@@ -151,6 +151,10 @@ def merge_plans(old: Plans, new: Plans) -> Plans:
             log.warning("%s re-planned with other network settings (%s): folds trained with the old plan "
                         "will be refused", name, "; ".join(diffs))
     raw = new.to_dict()
+    for name, cfg in raw["configurations"].items():  # architectures planned before stay planned
+        before = old.raw["configurations"].get(name, {}).get("architectures") or {}
+        if before:
+            cfg["architectures"] = {**before, **(cfg.get("architectures") or {})}
     merged = {**old.raw["configurations"], **raw["configurations"]}
     raw["configurations"] = {k: merged[k] for k in ALL_CONFIGS if k in merged}
     kept = [k for k in old.configurations if k not in new.configurations]
@@ -167,6 +171,7 @@ def plan_and_preprocess(
     configs: list[str] | None = None,
     workers: int = 1,
     arch: str = "unet",
+    arch_options: dict[str, Any] | None = None,
 ) -> tuple[Plans, PreprocessReport]:
     """`medseg3d plan`: verify, fingerprint, plan, preprocess. Each step reuses valid earlier output.
 
@@ -210,7 +215,7 @@ def plan_and_preprocess(
     budget = gpu_memory_gb if gpu_memory_gb is not None else default_budget_gb()
     fp_for_plan = {k: v for k, v in fingerprint.items() if k != "files_signature"}
     plans = plan_from_fingerprint(
-        fp_for_plan, gpu_memory_gb=budget, configs=configs, arch=arch,
+        fp_for_plan, gpu_memory_gb=budget, configs=configs, arch=arch, arch_options=arch_options,
         dataset_dir=str(Path(data_dir).resolve()), measure_cuda=measure,
     )
     plans_path = work_dir / "plans.json"

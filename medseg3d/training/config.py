@@ -23,6 +23,7 @@ class TrainConfig:
     """Training choices; defaults are nnU-Net v2's (docs/training.md, "Recipe")."""
 
     architecture: str | None = None          # None: the plan's `architecture`
+    arch_options: dict[str, Any] = field(default_factory=dict)  # over the plan's options (--arch-option k=v)
     epochs: int = 1000
     iterations_per_epoch: int = 250
     val_iterations: int = 50

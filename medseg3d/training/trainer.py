@@ -106,6 +106,7 @@ def train_fold(work_dir: str | Path, config_name: str, fold: int | str,
     plans = Plans.load(work_dir / "plans.json")
     cfg = plans.configuration(config_name)
     arch = (tc.architecture or cfg.architecture).lower()
+    cfg = cfg.for_architecture(arch)  # patch, batch and topology planned for this architecture, if it was
     dev_kind = "cuda" if (tc.device.startswith("cuda") or (tc.device == "auto" and torch.cuda.is_available())) else "cpu"
     info = init_distributed(dev_kind)
     try:
@@ -117,11 +118,12 @@ def train_fold(work_dir: str | Path, config_name: str, fold: int | str,
 def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fold: int | str, tc: TrainConfig,
            info: DistInfo) -> Path:
     from medseg3d.losses import DeepSupervisionLoss, DiceCELoss
-    from medseg3d.networks import build_network
+    from medseg3d.networks import build_network, get_architecture
 
     device = resolve_device(tc.device, info.local_rank if info.enabled else None)
     # the network and patch this run asks for, checked before anything is written or built
     kwargs = cfg.network_kwargs()
+    kwargs["options"] = get_architecture(arch).resolve_options({**kwargs["options"], **tc.arch_options})
     if tc.features is not None:
         if len(tc.features) != len(kwargs["features"]):
             raise ConfigError(f"--features needs {len(kwargs['features'])} values for {config_name} (one per stage), "
@@ -132,6 +134,7 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         raise ConfigError(f"--patch-size {','.join(map(str, patch))} has {len(patch)} values; configuration "
                           f"{config_name} is {cfg.dims}D")
     check_patch_size(patch, kwargs["strides"], config_name)
+    kwargs["patch_size"] = list(patch)
     all_cases = _train_cases(work_dir, cfg.data_identifier)
     splits: list[dict[str, list[str]]] = []  # --fold all trains on every case: no split, any number of cases
     if str(fold) != "all":
@@ -162,7 +165,8 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         if runtime.channels_last:
             net = net.to(memory_format=torch.channels_last_3d if cfg.dims == 3 else torch.channels_last)
         opt = make_optimizer(net, tc)
-        meta = {"plan_hash": plans.network_hash(config_name), "plan_identity": plans.network_identity(config_name),
+        meta = {"plan_hash": plans.network_hash(config_name, arch),
+                "plan_identity": plans.network_identity(config_name, arch),
                 "configuration": config_name, "architecture": arch,
                 "network_kwargs": kwargs, "in_channels": plans.num_channels, "num_classes": num_classes,
                 "fold": str(fold), "patch_size": list(patch), "train_config": tc.to_dict(),
@@ -170,8 +174,8 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         state = st.RunState()
         if tc.resume:
             if latest.exists():
-                state = st.resume(latest, net, opt, runtime.scaler, plans.network_identity(config_name), device,
-                                  meta)
+                state = st.resume(latest, net, opt, runtime.scaler, plans.network_identity(config_name, arch),
+                                  device, meta)
             else:
                 log.warning("--resume: no %s yet, starting this fold from epoch 0", latest)
         model: torch.nn.Module = net
@@ -180,13 +184,15 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         if info.enabled:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-        loss_fn = DeepSupervisionLoss(DiceCELoss())
+        loss_fn = DeepSupervisionLoss(DiceCELoss(), weights=net.output_weights)  # as the architecture declares
         val_loss_fn = DiceCELoss()
         log.info("fold %s of %s/%s: %d training, %d validation cases; patch %s, batch %d%s, %s, %s",
                  fold, config_name, arch, len(train_cases), len(val_cases), patch, batch,
                  f" ({rank_batch}/rank x {info.world_size})" if info.enabled else "",
                  f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters", tc.optimizer)
         log.info("runtime: %s", runtime.describe())
+        log.info("training outputs weighted %s (as %s declares)%s", net.output_weights, arch,
+                 f"; options {kwargs['options']}" if kwargs["options"] else "")
         # a resumed run gets fresh (but reproducible) data streams: seeded by epoch and rank too
         stream_seed = [tc.seed, info.rank, state.epoch]
         train_spec = StreamSpec(work_dir, cfg.data_identifier, train_cases, patch, rank_batch, cfg.slice_axis,
@@ -210,7 +216,7 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
                          "the final weights", tc.val_iterations)
             if tc.final_validation and val_cases:
                 final_validation(net, work_dir, plans, config_name, val_cases, fold_dir / "validation", device,
-                                 step=tc.val_step, mirroring=tc.val_mirroring)
+                                 step=tc.val_step, mirroring=tc.val_mirroring, arch=arch)
         barrier(info)
         return fold_dir
     finally:

@@ -44,7 +44,8 @@ def dice_from_counts(counts: torch.Tensor) -> list[float]:
 
 
 def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: str, val_cases: list[str],
-                     out_dir: Path, device: torch.device, *, step: float = 0.5, mirroring: bool = True) -> Path | None:
+                     out_dir: Path, device: torch.device, *, step: float = 0.5, mirroring: bool = True,
+                     arch: str | None = None) -> Path | None:
     """Predict every validation case from the raw dataset and write `out_dir/summary.json`.
 
     Dice per class is `medseg3d.evaluation.metrics.dice_per_class` (1 when a class is absent from
@@ -81,7 +82,7 @@ def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: st
             try:
                 image = read_volume(case.images)
                 seg, _ = predict_case([net], image, plans, config_name, step=step, use_mirroring=mirroring,
-                                      device=device, case=name)
+                                      device=device, case=name, arch=arch)
                 write_segmentation(seg, image, out_dir / f"{name}.nii.gz", overwrite=True)
                 ref = read_label(case.label).array[0]
                 dice = dice_per_class(ref, seg, labels)
