@@ -182,6 +182,19 @@ def test_crossval_summary_and_postprocessing_choice(tmp_path, capsys):
     assert decision["largest_component_foreground"] is True
     assert decision["dice_after"] > decision["dice_before"]
     assert decision["dice_before"] == pytest.approx(summary["mean"]["dice"])
+    # --labels is honoured with --model: the report has class 2 only, the model folder's files keep both
+    out_json = tmp_path / "only2.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--model", str(work), "--config", "3d_fullres", "--labels", "2", "--json", str(out_json)])
+    assert exit_info.value.code in (0, None)
+    only2 = json.loads(out_json.read_text())
+    assert list(only2["per_class_mean"]) == ["2"]
+    assert only2["mean"]["dice"] == pytest.approx(summary["per_class_mean"]["2"]["dice"])
+    assert set(json.loads((model / "crossval_summary.json").read_text())["per_class_mean"]) == {"1", "2"}
+    assert load_postprocessing(model) == decision
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--model", str(work), "--config", "3d_fullres", "--labels", "3"])
+    assert exit_info.value.code == 2 and "valid: 1 (" in capsys.readouterr().err
     # the same call through the API, and a fold overlap is refused
     shutil.copy(model / "fold_0" / "validation" / refs[0].name, model / "fold_1" / "validation" / refs[0].name)
     with pytest.raises(DatasetError, match="overlap"):

@@ -83,7 +83,8 @@ def register(app: typer.Typer) -> None:
             from medseg3d.paths import model_dir_of
 
             try:
-                summary, decision = evaluate_crossval(model, config, arch, workers=n_workers)
+                summary, decision = evaluate_crossval(model, config, arch, workers=n_workers,
+                                                      labels=parse_labels(labels))
             except EvaluationError as exc:  # the good cases' table first, then the failed cases (exit 2)
                 out.print(summary_table(exc.summary, f"cross-validation {config} (cases that could be evaluated)"))
                 raise

@@ -103,11 +103,14 @@ def _crossval_case(pair: CasePair, labels: list[int]) -> tuple[dict, dict]:
 
 
 def evaluate_crossval(work_dir: str | Path, config: str, arch: str | None = None,
-                      workers: int | None = None) -> tuple[dict, dict]:
+                      workers: int | None = None, labels: list[int] | None = None) -> tuple[dict, dict]:
     """Summarise all folds of `WORK_DIR/results/<config>/<arch>` and choose the postprocessing.
 
     Args:
         arch: architecture folder; default the configuration's `architecture` in plans.json.
+        labels: the classes the returned summary reports (`evaluate --model --labels`); default
+            all. The files written into the model folder (summary, postprocessing chosen on every
+            class) do not depend on it, so reporting a subset never changes what `predict` applies.
 
     Returns:
         (summary, decision); both are also written into the model folder.
@@ -126,10 +129,15 @@ def evaluate_crossval(work_dir: str | Path, config: str, arch: str | None = None
         raise InputError(f"{model_dir} does not exist; train it first or check --config/--arch")
     preds, folds = gather_fold_predictions(model_dir)
     pairs, unmatched = pair_available(preds, reference_labels(plans), str(plans.dataset_dir))
-    labels = sorted(c for c in plans.labels if c > 0)
-    results, failed = run_cases(_crossval_case, pairs, workers, "cross-validation", labels)
+    all_labels = sorted(c for c in plans.labels if c > 0)
+    if labels is not None:
+        unknown = [c for c in labels if c not in all_labels]
+        if unknown:
+            raise InputError(f"--labels {','.join(map(str, unknown))}: not a foreground class of this plan; "
+                             f"valid: {', '.join(f'{c} ({plans.labels[c]})' for c in all_labels)}")
+    results, failed = run_cases(_crossval_case, pairs, workers, "cross-validation", all_labels)
     good = [r for r in results if r is not None]
-    summary = summarize([m for m, _ in good], labels)
+    summary = summarize([m for m, _ in good], all_labels)
     summary = {"work_dir": str(work_dir), "configuration": config, "architecture": arch,
                "folds": {str(k): v for k, v in folds.items()}, **summary}
     problems = sorted([*unmatched, *failed], key=lambda p: p.case or "")
@@ -140,8 +148,11 @@ def evaluate_crossval(work_dir: str | Path, config: str, arch: str | None = None
             "cross-validation", failed_cases(problems), len(pairs) + len(unmatched),
             f"the others were evaluated into {model_dir / SUMMARY_FILE}; {POSTPROCESSING_FILE} is chosen only "
             "when every case can be evaluated", summary)
-    decision = decide([v for _, v in good], labels)
+    decision = decide([v for _, v in good], all_labels)
     write_summary_json(summary, model_dir / SUMMARY_FILE)
     write_json_atomic(model_dir / POSTPROCESSING_FILE, decision)
     log.info("wrote %s and %s", model_dir / SUMMARY_FILE, model_dir / POSTPROCESSING_FILE)
+    if labels is not None and sorted(labels) != all_labels:
+        summary = {**{k: v for k, v in summary.items() if k not in ("labels", "cases", "per_class_mean", "mean")},
+                   **summarize([m for m, _ in good], sorted(labels))}
     return summary, decision
