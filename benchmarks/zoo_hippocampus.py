@@ -37,8 +37,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _fair import load_average, settle  # noqa: E402
-from _procmem import tree_memory  # noqa: E402
+from _fair import load_average, settle
+from _procmem import tree_memory
 
 RECIPE = ["--optimizer", "adamw", "--lr", "1e-3", "--iterations-per-epoch", "50", "--val-iterations", "5",
           "--num-workers", "1"]
@@ -127,8 +127,8 @@ def one(arch: str, args: argparse.Namespace, work: Path) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n| architecture | Dice 1 | Dice 2 | mean Dice | HD95 1 mm | HD95 2 mm | parameters | s/iteration | "
-          f"epochs | peak RSS MB | patch x batch |")
+    print("\n| architecture | Dice 1 | Dice 2 | mean Dice | HD95 1 mm | HD95 2 mm | parameters | s/iteration | "
+          "epochs | peak RSS MB | patch x batch |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for arch, r in report["rows"].items():
         if "error" in r:
