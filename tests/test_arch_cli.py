@@ -20,7 +20,8 @@ from tests._synth import SHIPPED
 from tests.test_plans import CASES, synthetic_fingerprint
 
 torch.set_num_threads(1)
-SEEDS = ["fcn", "segnet", "deeplabv3", "deeplabv3plus", "pspnet"]
+SEEDS = ["fcn", "segnet", "deeplabv3", "deeplabv3plus", "pspnet", "fcdensenet", "dilated"]
+EXTRA = {"fcdensenet": ["--arch-option", "preset=56"], "unet": ["--arch-option", "context=basic"]}
 
 
 def cli(argv: list[str], capsys=None) -> tuple[int, str]:
@@ -67,13 +68,13 @@ def test_plan_sizes_patch_and_batch_for_the_architectures_own_memory():
     assert heavy.configuration("3d_fullres").patch_size == unet.patch_size
 
 
-@pytest.mark.parametrize("arch", SEEDS)
+@pytest.mark.parametrize("arch", [*SEEDS, "unet"])  # unet: with the context plug-in at the bottleneck
 def test_train_resume_predict_in_2d_and_3d(planned, tmp_path, arch, capsys):
     wd = shutil.copytree(planned, tmp_path / "wd", ignore=shutil.ignore_patterns("results"))
     for config, features in (("3d_fullres", "4,8,8,8"), ("2d", "4,8,8,8")):
         common = ["train", str(wd), "--config", config, "--arch", arch, "--features", features,
                   "--iterations-per-epoch", "2", "--val-iterations", "1", "--batch-size", "2", "--device", "cpu",
-                  "--num-workers", "0", "--no-final-validation"]
+                  "--num-workers", "0", "--no-final-validation", *EXTRA.get(arch, [])]
         code, out = cli([*common, "--epochs", "1"], capsys)
         assert code == 0, out
         fold = wd / "results" / config / arch / "fold_0"
@@ -83,7 +84,7 @@ def test_train_resume_predict_in_2d_and_3d(planned, tmp_path, arch, capsys):
         assert ckpt["epoch"] == 2 and ckpt["architecture"] == arch
         assert ckpt["network_kwargs"]["patch_size"] == list(Plans.load(wd).configuration(config)
                                                             .for_architecture(arch).patch_size)
-        weights = [1.0, 0.4] if arch == "pspnet" else [1.0]
+        weights = {"pspnet": [1.0, 0.4], "unet": [2 / 3, 1 / 3, 0.0]}.get(arch, [1.0])
         assert f"training outputs weighted {weights}" in (fold / "training_log.txt").read_text()
         out_dir = tmp_path / f"pred_{config}"
         code, out = cli(["predict", "-m", str(wd), "-i", str(SHIPPED / "imagesTs"), "-o", str(out_dir), "--config",
@@ -109,3 +110,17 @@ def test_resume_with_other_options_and_bad_names_are_refused(planned, tmp_path, 
                     capsys)
     assert code == 2 and "key=value" in out
     assert json.loads((wd / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"] == "pspnet"
+
+
+def test_planner_turns_on_fcdensenet_checkpointing_only_where_it_helps():
+    fp = synthetic_fingerprint(**CASES["isotropic"])
+    tight = plan_from_fingerprint(fp, gpu_memory_gb=2.0, configs=["3d_fullres"], arch="fcdensenet")
+    view = tight.configuration("3d_fullres").for_architecture("fcdensenet")
+    assert view.architecture_options["checkpoint"] == "true"  # dense blocks do not fit the U-Net's patch in 2 GB
+    plain = plan_from_fingerprint(fp, gpu_memory_gb=2.0, configs=["3d_fullres"], arch="fcdensenet",
+                                  arch_options={"checkpoint": "false"}).configuration("3d_fullres")
+    plain = plain.for_architecture("fcdensenet")
+    assert torch.tensor(view.patch_size).prod() > torch.tensor(plain.patch_size).prod()
+    small = synthetic_fingerprint(**CASES["small"])  # 20x24x16 images: everything fits without it
+    roomy = plan_from_fingerprint(small, gpu_memory_gb=8.0, configs=["3d_fullres"], arch="fcdensenet")
+    assert roomy.configuration("3d_fullres").for_architecture("fcdensenet").architecture_options["checkpoint"] == "false"

@@ -20,7 +20,7 @@ from medseg3d.networks.encoders import dilated_topology
 from medseg3d.networks.pspnet import clamp_bins
 
 torch.set_num_threads(1)
-SEEDS = ["fcn", "segnet", "deeplabv3", "deeplabv3plus", "pspnet"]
+SEEDS = ["fcn", "segnet", "deeplabv3", "deeplabv3plus", "pspnet", "fcdensenet", "dilated"]
 PLANS = {
     "3d_iso": dict(dims=3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 4,
                    features=[4, 8, 16, 16], patch_size=[40, 56, 40]),
@@ -42,7 +42,8 @@ def test_every_seed_architecture_is_registered():
 def test_shapes_gradients_and_declared_outputs(arch, plan):
     p = PLANS[plan]
     torch.manual_seed(0)
-    net = build_network(arch, in_channels=2, num_classes=3, **p).train()
+    opts = {"preset": "56"} if arch == "fcdensenet" else None  # the smallest preset keeps the test quick
+    net = build_network(arch, in_channels=2, num_classes=3, options=opts, **p).train()
     x = torch.randn(2, 2, *p["patch_size"])
     out = net(x)
     outs = out if isinstance(out, list) else [out]
@@ -63,7 +64,7 @@ def test_declared_loss_weights():
     p = PLANS["3d_iso"]
     assert build_network("pspnet", in_channels=1, num_classes=2, **p).output_weights == [1.0, 0.4]
     assert build_network("pspnet", in_channels=1, num_classes=2, options={"aux": "false"}, **p).output_weights == [1.0]
-    for arch in ("fcn", "segnet", "deeplabv3", "deeplabv3plus"):
+    for arch in ("fcn", "segnet", "deeplabv3", "deeplabv3plus", "fcdensenet", "dilated"):
         assert build_network(arch, in_channels=1, num_classes=2, **p).output_weights == [1.0]
     unet = build_network("unet", in_channels=1, num_classes=2, **p)
     assert unet.output_weights == pytest.approx([2 / 3, 1 / 3, 0.0])  # nnU-Net's weights, 3 decoder outputs
@@ -126,7 +127,8 @@ def test_output_stride_rule_and_rates_on_small_maps():
 def test_checkpoint_round_trip_predicts_identically(arch, tmp_path):
     p = PLANS["3d_aniso"]
     options = {"pspnet": {"bins": "1,2,4"}, "fcn": {"variant": "16s"}, "deeplabv3plus": {"output_stride": 8},
-               "deeplabv3": {"rates": "paper"}, "segnet": {"convs": 1}}[arch]
+               "deeplabv3": {"rates": "paper"}, "segnet": {"convs": 1},
+               "fcdensenet": {"preset": "56", "checkpoint": "true"}, "dilated": {"module": "large"}}[arch]
     torch.manual_seed(1)
     net = build_network(arch, in_channels=1, num_classes=3, options=options, **p)
     kwargs = {k: v for k, v in p.items()} | {"options": net.arch_options}
@@ -153,11 +155,12 @@ def _discs(g: torch.Generator, n: int = 8, size: int = 48) -> tuple[torch.Tensor
 def test_learns_a_synthetic_shape(arch):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
+    opts = {"preset": "56", "dropout": 0.0} if arch == "fcdensenet" else None  # the smallest preset: seconds
     net = build_network(arch, in_channels=1, num_classes=2, dims=2, strides=[[1, 1], [2, 2], [2, 2], [2, 2]],
-                        kernel_sizes=[[3, 3]] * 4, features=[8, 16, 32, 32], patch_size=[48, 48]).train()
+                        kernel_sizes=[[3, 3]] * 4, features=[8, 16, 32, 32], patch_size=[48, 48], options=opts).train()
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     loss_fn = DeepSupervisionLoss(DiceCELoss(), weights=net.output_weights)
-    for _ in range(200):
+    for _ in range(60 if arch == "fcdensenet" else 200):  # FC-DenseNet learns it in fewer (and slower) steps
         x, y = _discs(g)
         opt.zero_grad()
         loss_fn(net(x), y).backward()
@@ -167,3 +170,61 @@ def test_learns_a_synthetic_shape(arch):
         pred = net.eval()(x).argmax(1)
     dice = 2 * ((pred == 1) & (y == 1)).sum() / ((pred == 1).sum() + (y == 1).sum())
     assert float(dice) > 0.9
+
+
+def test_context_module_is_the_identity_at_initialisation():
+    from medseg3d.networks.context import ContextModule, capped_dilation
+
+    torch.manual_seed(0)
+    for kind in ("basic", "large"):
+        module = ContextModule(3, 6, kind, map_size=[20, 24, 6], kernel=[3, 3, 1])
+        x = torch.rand(2, 6, 20, 24, 6)  # a ReLU map: non-negative
+        with torch.no_grad():
+            assert torch.allclose(module(x), x, atol=1e-6), kind
+    assert module.dilations[5] == [16, 16, 1]  # dilation 16 fits 20x24 but the coarse axis has kernel 1
+    assert capped_dilation(16, [5, 7, 2], [3, 3, 3]) == [4, 6, 1]
+    assert capped_dilation(2, [5, 7, 2], [3, 3, 1]) == [2, 2, 1]
+
+
+def test_context_plugs_into_the_unet_family():
+    p = PLANS["3d_iso"]
+    for arch in ("unet", "resenc_unet", "vnet"):
+        plain = build_network(arch, in_channels=1, num_classes=2, **p)
+        ctx = build_network(arch, in_channels=1, num_classes=2, options={"context": "basic"}, **p).train()
+        assert plain.context is None and ctx.context is not None
+        extra = {k for k in ctx.state_dict() if k.startswith("context.")}
+        assert extra and set(ctx.state_dict()) - extra == set(plain.state_dict())
+        outs = ctx(torch.randn(1, 1, *p["patch_size"]))
+        sum(o.mean() for o in outs).backward()
+        assert all(q.grad is not None for q in ctx.context.parameters())
+    with pytest.raises(ConfigError, match="valid: none, basic, large"):
+        build_network("unet", in_channels=1, num_classes=2, options={"context": "huge"}, **p)
+
+
+def test_fcdensenet_checkpointing_gives_the_same_gradients():
+    p = PLANS["3d_aniso"]
+    torch.manual_seed(3)
+    plain = build_network("fcdensenet", in_channels=1, num_classes=3, options={"preset": "56", "checkpoint": "false"},
+                          **p).train()
+    ckpt = build_network("fcdensenet", in_channels=1, num_classes=3, options={"preset": "56", "checkpoint": "true"},
+                         **p).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, *p["patch_size"])
+    grads = []
+    for net in (plain, ckpt):
+        torch.manual_seed(7)  # the same dropout masks; checkpointing replays them in the recomputation
+        net(x).square().mean().backward()
+        grads.append({n: q.grad.clone() for n, q in net.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fcdensenet_presets_scale_to_the_plan():
+    from medseg3d.networks.fcdensenet import preset_layers
+
+    assert preset_layers("103", 3) == ([4, 5, 7], 15, 16)
+    assert preset_layers("103", 6) == ([4, 5, 7, 10, 12, 12], 15, 16)
+    assert preset_layers("56", 4) == ([4, 4, 4, 4], 4, 12)
+    net = build_network("fcdensenet", in_channels=1, num_classes=2, options={"preset": "67"}, **PLANS["3d_aniso"])
+    assert len(net.down) == 3 and [len(b.layers) for b in net.down] == [5, 5, 5] and net.pools[0] == (2, 2, 1)

@@ -19,10 +19,12 @@ class EncoderDecoder(nn.Module):
     `output_weights`: nnU-Net's deep-supervision loss weights (`losses.deep_supervision_weights`).
     """
 
-    def __init__(self, encoder: nn.ModuleList, decoder: nn.Module, deep_supervision: bool, num_stages: int) -> None:
+    def __init__(self, encoder: nn.ModuleList, decoder: nn.Module, deep_supervision: bool, num_stages: int,
+                 context: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+        self.context = context  # optional module on the bottleneck's output (the `context` option)
         self.deep_supervision = deep_supervision
         self.output_weights = deep_supervision_weights(num_stages - 1) if deep_supervision else [1.0]
 
@@ -31,6 +33,8 @@ class EncoderDecoder(nn.Module):
         for stage in self.encoder:
             x = stage(x)
             skips.append(x)
+        if self.context is not None:
+            skips[-1] = self.context(skips[-1])
         all_outputs = self.deep_supervision and self.training
         outs = self.decoder(skips, all_outputs)
         return outs if all_outputs else outs[0]

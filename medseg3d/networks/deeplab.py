@@ -141,7 +141,7 @@ _COMMON = (
 )
 
 
-def _build(decoder: bool, in_channels: int, num_classes: int, dims: int, strides, kernel_sizes, features,  # noqa: ANN001
+def _build(decoder: bool, in_channels: int, num_classes: int, dims: int, strides, kernel_sizes, features,
            patch_size, output_stride: int, rates, aspp_channels: int, norm: str, low_level_stage: int = -1,
            name: str = "deeplabv3") -> nn.Module:
     if patch_size is None:

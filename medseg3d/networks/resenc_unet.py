@@ -15,6 +15,7 @@ from torch import nn
 
 from medseg3d.networks.base import EncoderDecoder
 from medseg3d.networks.blocks import ConvNormAct, ResidualBlock, UNetDecoder
+from medseg3d.networks.context import CONTEXT_OPTION, bottleneck_context
 from medseg3d.networks.registry import register_architecture
 
 BLOCKS_PER_STAGE = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6)
@@ -26,10 +27,11 @@ def blocks_per_stage(n_stages: int) -> list[int]:
     return [BLOCKS_PER_STAGE[min(s, len(BLOCKS_PER_STAGE) - 1)] for s in range(n_stages)]
 
 
-@register_architecture("resenc_unet")
+@register_architecture("resenc_unet", options=(CONTEXT_OPTION,))
 def build_resenc_unet(*, in_channels: int, num_classes: int, dims: int, strides: Sequence[Sequence[int]],
                       kernel_sizes: Sequence[Sequence[int]], features: Sequence[int],
-                      patch_size: Sequence[int] | None = None, deep_supervision: bool = True) -> nn.Module:
+                      patch_size: Sequence[int] | None = None, deep_supervision: bool = True,
+               context: str = "none") -> nn.Module:
     """Residual-encoder U-Net; arguments as `medseg3d.networks.build_network`."""
     encoder = nn.ModuleList()
     cin = features[0]
@@ -40,4 +42,5 @@ def build_resenc_unet(*, in_channels: int, num_classes: int, dims: int, strides:
         encoder.append(nn.Sequential(*blocks))
         cin = f
     decoder = UNetDecoder(dims, num_classes, features, strides, kernel_sizes, DECODER_CONVS)
-    return EncoderDecoder(encoder, decoder, deep_supervision, len(features))
+    return EncoderDecoder(encoder, decoder, deep_supervision, len(features),
+                          bottleneck_context(dims, features, strides, kernel_sizes, patch_size, context))

@@ -14,15 +14,17 @@ from torch import nn
 
 from medseg3d.networks.base import EncoderDecoder
 from medseg3d.networks.blocks import StackedConv, UNetDecoder
+from medseg3d.networks.context import CONTEXT_OPTION, bottleneck_context
 from medseg3d.networks.registry import register_architecture
 
 CONVS_PER_STAGE = 2
 
 
-@register_architecture("unet")
+@register_architecture("unet", options=(CONTEXT_OPTION,))
 def build_unet(*, in_channels: int, num_classes: int, dims: int, strides: Sequence[Sequence[int]],
                kernel_sizes: Sequence[Sequence[int]], features: Sequence[int],
-               patch_size: Sequence[int] | None = None, deep_supervision: bool = True) -> nn.Module:
+               patch_size: Sequence[int] | None = None, deep_supervision: bool = True,
+               context: str = "none") -> nn.Module:
     """Plain U-Net; arguments as `medseg3d.networks.build_network`."""
     encoder = nn.ModuleList()
     cin = in_channels
@@ -30,4 +32,5 @@ def build_unet(*, in_channels: int, num_classes: int, dims: int, strides: Sequen
         encoder.append(StackedConv(dims, CONVS_PER_STAGE, cin, f, k, s))
         cin = f
     decoder = UNetDecoder(dims, num_classes, features, strides, kernel_sizes, CONVS_PER_STAGE)
-    return EncoderDecoder(encoder, decoder, deep_supervision, len(features))
+    return EncoderDecoder(encoder, decoder, deep_supervision, len(features),
+                          bottleneck_context(dims, features, strides, kernel_sizes, patch_size, context))

@@ -17,6 +17,7 @@ from torch import nn
 
 from medseg3d.networks.base import EncoderDecoder
 from medseg3d.networks.blocks import ConvNormAct, InstanceNorm, activation, conv, transposed_conv
+from medseg3d.networks.context import CONTEXT_OPTION, bottleneck_context
 from medseg3d.networks.registry import register_architecture
 
 VNET_KERNEL = 5
@@ -89,10 +90,11 @@ class VNetDecoder(nn.Module):
         return outs[::-1]
 
 
-@register_architecture("vnet")
+@register_architecture("vnet", options=(CONTEXT_OPTION,))
 def build_vnet(*, in_channels: int, num_classes: int, dims: int, strides: Sequence[Sequence[int]],
                kernel_sizes: Sequence[Sequence[int]], features: Sequence[int],
-               patch_size: Sequence[int] | None = None, deep_supervision: bool = True) -> nn.Module:
+               patch_size: Sequence[int] | None = None, deep_supervision: bool = True,
+               context: str = "none") -> nn.Module:
     """V-Net; arguments as `medseg3d.networks.build_network`."""
     encoder = nn.ModuleList()
     cin = in_channels
@@ -100,4 +102,4 @@ def build_vnet(*, in_channels: int, num_classes: int, dims: int, strides: Sequen
         encoder.append(EncoderStage(dims, s, cin, f, st, k))
         cin = f
     return EncoderDecoder(encoder, VNetDecoder(dims, num_classes, features, strides, kernel_sizes), deep_supervision,
-                          len(features))
+                          len(features), bottleneck_context(dims, features, strides, kernel_sizes, patch_size, context))

@@ -91,6 +91,24 @@ def _architecture_entry(config: dict[str, Any], arch: str, options: dict[str, An
             "estimated_memory_gb": round(topo["estimated_bytes"] / GIB, 3)}
 
 
+def _plan_architecture(config: dict[str, Any], arch: str, options: dict[str, Any], num_classes: int,
+                       in_channels: int, measure_cuda: bool, budget: float, n_cases: int) -> dict[str, Any]:
+    """`_architecture_entry` with option `checkpoint=auto` resolved: gradient checkpointing is turned
+    on only when, without it, the architecture's patch would be smaller than the U-Net's (and it helps)."""
+    def entry(opts: dict[str, Any]) -> dict[str, Any]:
+        fn = make_memory_fn(num_classes, in_channels, arch, measure_cuda, opts)
+        return _architecture_entry(config, arch, opts, fn, budget, n_cases)
+
+    if options.get("checkpoint") != "auto":
+        return entry(options)
+    plain = entry({**options, "checkpoint": "false"})
+    vox = lambda e: float(np.prod(e["patch_size"], dtype=np.float64))  # noqa: E731
+    if vox(plain) >= float(np.prod(config["patch_size"], dtype=np.float64)):
+        return plain
+    ckpt = entry({**options, "checkpoint": "true"})
+    return ckpt if vox(ckpt) > vox(plain) or ckpt["batch_size"] > plain["batch_size"] else plain
+
+
 def plan_from_fingerprint(
     fingerprint: dict[str, Any],
     *,
@@ -157,9 +175,9 @@ def plan_from_fingerprint(
         from medseg3d.networks import get_architecture
 
         options = get_architecture(arch).resolve_options(arch_options)
-        arch_fn = make_memory_fn(num_classes, len(channels), arch, measure_cuda, options)
         for c in out.values():
-            c["architectures"] = {arch: _architecture_entry(c, arch, options, arch_fn, budget, n_cases)}
+            c["architectures"] = {arch: _plan_architecture(c, arch, options, num_classes, len(channels), measure_cuda,
+                                                           budget, n_cases)}
     raw = {
         "schema_version": SCHEMA_VERSION,
         "medseg3d_version": __version__,
