@@ -175,3 +175,13 @@ def test_a_checkpoint_with_a_legacy_numpy_rng_state_still_loads(tmp_path):
     torch.save({**payload(), "format_version": FORMAT_VERSION, "x": np.array([object()], dtype=object)}, p2)
     with pytest.raises(CheckpointError, match="holds numpy.dtypes.ObjectDType, which is neither a tensor"):
         load_checkpoint(p2)
+
+
+def test_a_checkpoint_from_before_network_hashes_loads_while_its_plans_json_is_unchanged(tmp_path):
+    """medseg3d 0.1 recorded the hash of the whole plans.json: still accepted for that same file."""
+    ident = {"labels": {"0": "bg", "1": "a"}, "channel_names": ["MRI"], "configuration": {"spacing": [1.0, 1.0, 1.0]}}
+    p = tmp_path / "old.pt"
+    save_checkpoint(p, payload(plan_hash="d" * 64))  # no plan_identity: written before
+    assert load_checkpoint(p, expected_plan=ident, legacy_hash="d" * 64)["epoch"] == 7
+    with pytest.raises(CheckpointError, match="another plan"):
+        load_checkpoint(p, expected_plan=ident, legacy_hash="e" * 64)  # plans.json changed since

@@ -76,7 +76,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(
-    path: str | Path, *, expected_plan: dict[str, Any] | None = None, map_location: str | torch.device = "cpu"
+    path: str | Path, *, expected_plan: dict[str, Any] | None = None, map_location: str | torch.device = "cpu",
+    legacy_hash: str | None = None,
 ) -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint` and check it.
 
@@ -84,6 +85,8 @@ def load_checkpoint(
     `format_version`, lacks a required key, or (with `expected_plan`, the `Plans.network_identity` of
     the configuration the caller uses) was trained with a plan that differs in what the network
     depends on; the message lists the differences when the checkpoint stores its `plan_identity`.
+    `legacy_hash` (`Plans.file_hash`): also accepted for a checkpoint without `plan_identity` (written
+    before plan hashes covered only the network's needs), whose plans.json is still the same file.
     """
     path = Path(path)
     if not path.is_file():
@@ -115,7 +118,8 @@ def load_checkpoint(
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; {_FIX_CORRUPT}")
-    if expected_plan is not None and ckpt["plan_hash"] != identity_hash(expected_plan):
+    legacy_ok = legacy_hash is not None and "plan_identity" not in ckpt and ckpt["plan_hash"] == legacy_hash
+    if expected_plan is not None and ckpt["plan_hash"] != identity_hash(expected_plan) and not legacy_ok:
         stored = ckpt.get("plan_identity")
         what = "; ".join(identity_differences(stored, expected_plan)) if isinstance(stored, dict) else ""
         raise CheckpointError(

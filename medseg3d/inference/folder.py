@@ -64,7 +64,8 @@ def available_folds(mdir: Path, checkpoint: str) -> list[int | str]:
 
 
 def load_fold_models(
-    work_dir: Path, config: str, arch: str, folds: list[int | str] | None, checkpoint: str, plan_identity: dict[str, Any]
+    work_dir: Path, config: str, arch: str, folds: list[int | str] | None, checkpoint: str, plan_identity: dict[str, Any],
+    legacy_hash: str | None = None,
 ) -> list[nn.Module]:
     """One eval-mode network per fold; `folds=None` takes every numbered fold with that checkpoint
     (or `fold_all` when there is no numbered one); `"all"` names `fold_all`.
@@ -90,7 +91,8 @@ def load_fold_models(
             f"folds with one: {listed}. Pass --folds with those, or train the missing folds")
     models = []
     for f in folds:
-        ckpt = load_checkpoint(mdir / f"fold_{f}" / f"checkpoint_{checkpoint}.pt", expected_plan=plan_identity)
+        ckpt = load_checkpoint(mdir / f"fold_{f}" / f"checkpoint_{checkpoint}.pt", expected_plan=plan_identity,
+                               legacy_hash=legacy_hash)
         if ckpt.get("configuration") not in (None, config):
             raise CheckpointError(f"{mdir}/fold_{f} holds a checkpoint of configuration {ckpt['configuration']!r}, "
                                   f"not {config!r}; move it to results/{ckpt['configuration']}/")
@@ -152,7 +154,8 @@ def predict_folder(
         have = available_folds(model_dir_of(work_dir, config, arch), checkpoint)
         if any(f not in have for f in folds):
             # raises, listing the folds that exist
-            load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config, arch))
+            load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config, arch),
+                                  plans.file_hash)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be >= 1 (network inputs per forward pass), got {batch_size}")
     found, problems = input_cases_and_problems(input_path, plans.num_channels)
@@ -181,7 +184,8 @@ def predict_folder(
     if not todo:
         return _finish(summary, n_unusable, output_dir)
     if models is None:
-        models = load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config, arch))
+        models = load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config, arch),
+                                  plans.file_hash)
     models = [m.to(dev).eval() for m in models]
     postprocessing = _load_postprocessing(model_dir_of(work_dir, config, arch))
     output_dir.mkdir(parents=True, exist_ok=True)

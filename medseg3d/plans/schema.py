@@ -263,6 +263,13 @@ class Plans:
             raise ConfigError(f"configuration {name!r} is not in this plan; valid: {valid}")
         return self.configurations[name]
 
+    @property
+    def file_hash(self) -> str:
+        """sha256 of the whole plan as canonical JSON: the plan hash medseg3d 0.1 checkpoints recorded
+        (before `network_hash`); accepted for them as long as plans.json has not changed since."""
+        canon = json.dumps(self.raw, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
     def network_identity(self, name: str, arch: str | None = None) -> dict[str, Any]:
         """What a network of architecture `arch` (default: the plan's) trained on configuration
         `name` depends on (`NETWORK_KEYS` of `for_architecture(arch)`, labels, channels).

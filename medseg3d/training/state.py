@@ -112,14 +112,14 @@ def _plain(v: Any) -> Any:
 
 
 def resume(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, plan_identity: dict[str, Any],
-           device: torch.device, meta: dict[str, Any] | None = None) -> RunState:
+           device: torch.device, meta: dict[str, Any] | None = None, legacy_hash: str | None = None) -> RunState:
     """Restore weights, optimiser, scaler, random states and run state from `path`.
 
     CheckpointError (from `load_checkpoint`) when the file is truncated/corrupt or of another plan;
     and, with `meta` (this run's checkpoint description), when the network it asks for differs from
     the checkpoint's (`--arch`, `--features`): the message lists what differs and how to resume.
     """
-    ckpt = load_checkpoint(path, expected_plan=plan_identity, map_location=device)
+    ckpt = load_checkpoint(path, expected_plan=plan_identity, map_location=device, legacy_hash=legacy_hash)
     diffs = network_differences(ckpt, meta) if meta is not None else []
     if diffs:
         raise CheckpointError(f"{path} was trained as another network than this run asks for: {'; '.join(diffs)}. "

@@ -175,7 +175,7 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         if tc.resume:
             if latest.exists():
                 state = st.resume(latest, net, opt, runtime.scaler, plans.network_identity(config_name, arch),
-                                  device, meta)
+                                  device, meta, legacy_hash=plans.file_hash)
             else:
                 log.warning("--resume: no %s yet, starting this fold from epoch 0", latest)
         model: torch.nn.Module = net
