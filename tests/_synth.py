@@ -60,3 +60,29 @@ def make_nnunet(root: Path, n_cases=3, channels=("CT", "MR"), shape=(20, 24, 16)
             "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": n_cases, "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
+
+
+def plan_shipped(tmp_path_factory) -> Path:
+    """A WORK_DIR planned (and preprocessed) from the shipped hippocampus_mini by `medseg3d plan`."""
+    import pytest
+
+    from medseg3d.cli import main
+
+    wd = tmp_path_factory.mktemp("wd")
+    with pytest.raises(SystemExit) as ex:
+        main(["plan", str(SHIPPED), "-o", str(wd), "-j", "1"])
+    assert ex.value.code in (0, None)
+    return wd
+
+
+def pointwise_model():
+    """A 3-class 'network' from the intensity alone: fast, needs no checkpoint, output known voxel by voxel."""
+    import torch
+    from torch import nn
+
+    class Pointwise(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            v = x[:, :1]
+            return torch.cat([-4 * v, 4 * v - 2, torch.zeros_like(v)], dim=1)
+
+    return Pointwise()

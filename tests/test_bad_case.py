@@ -15,7 +15,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from medseg3d.cli import main
 from medseg3d.errors import CasesFailedError, InputError
@@ -25,28 +24,18 @@ from medseg3d.evaluation.metrics import case_metrics, dice_per_class
 from medseg3d.inference.folder import PredictionError, predict_folder
 from medseg3d.plans.schema import Plans
 from medseg3d.training.validation import final_validation
-from tests._synth import SHIPPED
+from tests._synth import SHIPPED, plan_shipped, pointwise_model
 
 torch.set_num_threads(1)
 IMAGES = SHIPPED / "imagesTs"  # 4 unlabelled cases
 LABELS = SHIPPED / "labelsTr"
 
 
-class Pointwise(nn.Module):
-    """3 classes from the intensity alone: fast, and no checkpoint needed."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = x[:, :1]
-        return torch.cat([-4 * v, 4 * v - 2, torch.zeros_like(v)], dim=1)
 
 
 @pytest.fixture(scope="module")
 def work_dir(tmp_path_factory) -> Path:
-    wd = tmp_path_factory.mktemp("wd")
-    with pytest.raises(SystemExit) as ex:
-        main(["plan", str(SHIPPED), "-o", str(wd), "-j", "1"])
-    assert ex.value.code in (0, None)
-    return wd
+    return plan_shipped(tmp_path_factory)
 
 
 def _names(folder: Path) -> list[str]:
@@ -61,7 +50,7 @@ def test_one_image_with_the_wrong_channels_does_not_stop_the_folder(work_dir, tm
     nib.save(nib.Nifti1Image(two, img.affine), victim)  # a 2-channel image for a 1-channel model
     (inp / "broken.nii.gz").write_bytes(b"not a nifti file")  # unreadable
     with pytest.raises(PredictionError) as err:
-        predict_folder(work_dir, inp, tmp_path / "out", models=[Pointwise()], use_mirroring=False)
+        predict_folder(work_dir, inp, tmp_path / "out", models=[pointwise_model()], use_mirroring=False)
     failed = dict(err.value.failed)
     name = victim.name[:-7]
     assert set(failed) == {name, "broken"} and "2 channel" in failed[name]
@@ -85,7 +74,7 @@ def test_a_case_missing_a_channel_file_does_not_stop_the_others(work_dir, tmp_pa
         for ch in channels:
             nib.save(src, inp / f"{name}_{ch:04d}.nii.gz")
     with pytest.raises(PredictionError) as err:
-        predict_folder(wd, inp, tmp_path / "o", models=[Pointwise()], use_mirroring=False)
+        predict_folder(wd, inp, tmp_path / "o", models=[pointwise_model()], use_mirroring=False)
     assert [n for n, _ in err.value.failed] == ["b"] and "channel files [0]" in err.value.failed[0][1]
     assert err.value.summary.predicted == ["a"] and _names(tmp_path / "o") == ["a.nii.gz"]
 
@@ -96,7 +85,7 @@ def test_num_parts_report_a_bad_case_in_exactly_one_part(work_dir, tmp_path):
     failed = []
     for part in range(2):
         try:
-            predict_folder(work_dir, inp, tmp_path / f"o{part}", models=[Pointwise()], use_mirroring=False,
+            predict_folder(work_dir, inp, tmp_path / f"o{part}", models=[pointwise_model()], use_mirroring=False,
                            num_parts=2, part_id=part)
         except PredictionError as exc:
             failed += [n for n, _ in exc.failed]
@@ -106,7 +95,7 @@ def test_num_parts_report_a_bad_case_in_exactly_one_part(work_dir, tmp_path):
 def test_cli_predict_exits_2_naming_the_bad_case_and_writes_the_others(work_dir, tmp_path, capsys, monkeypatch):
     from medseg3d.inference import folder
 
-    monkeypatch.setattr(folder, "load_fold_models", lambda *a, **k: [Pointwise()])
+    monkeypatch.setattr(folder, "load_fold_models", lambda *a, **k: [pointwise_model()])
     inp = shutil.copytree(IMAGES, tmp_path / "in")
     victim = min(inp.glob("*.nii.gz"))
     img = nib.load(victim)
@@ -197,7 +186,7 @@ def test_final_validation_reports_a_failing_case_and_validates_the_others(work_d
     monkeypatch.setattr(predictor, "predict_case", predict_or_fail)
     out = tmp_path / "validation"
     with pytest.raises(CasesFailedError) as err:
-        final_validation(Pointwise(), work_dir, plans, "3d_fullres", cases, out, torch.device("cpu"), mirroring=False)
+        final_validation(pointwise_model(), work_dir, plans, "3d_fullres", cases, out, torch.device("cpu"), mirroring=False)
     assert [n for n, _ in err.value.failed] == [cases[1]] and "NaN" in err.value.failed[0][1]
     summary = json.loads((out / "summary.json").read_text())
     assert [c["case"] for c in summary["cases"]] == [cases[0], cases[2]]

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from medseg3d.cli import main
 from medseg3d.errors import InputError, OutputError
@@ -22,7 +21,7 @@ from medseg3d.fingerprint import parallel_map
 from medseg3d.inference import save_checkpoint
 from medseg3d.io import atomic
 from medseg3d.io.atomic import atomic_path, write_json_atomic
-from tests._synth import SHIPPED
+from tests._synth import SHIPPED, plan_shipped, pointwise_model
 
 torch.set_num_threads(1)
 IMAGES = SHIPPED / "imagesTs"
@@ -35,19 +34,11 @@ def _run(args: list[str], capsys) -> tuple[int, str]:
     return ex.value.code, capsys.readouterr().err
 
 
-class Pointwise(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = x[:, :1]
-        return torch.cat([-4 * v, 4 * v - 2, torch.zeros_like(v)], dim=1)
 
 
 @pytest.fixture(scope="module")
 def work_dir(tmp_path_factory) -> Path:
-    wd = tmp_path_factory.mktemp("wd")
-    with pytest.raises(SystemExit) as ex:
-        main(["plan", str(SHIPPED), "-o", str(wd), "-j", "1"])
-    assert ex.value.code in (0, None)
-    return wd
+    return plan_shipped(tmp_path_factory)
 
 
 @pytest.mark.parametrize("command", ["verify", "plan"])
@@ -102,7 +93,7 @@ def test_out_of_memory_in_one_predicted_case_fails_that_case_only(work_dir, tmp_
         return real(*args, **kwargs)
 
     monkeypatch.setattr(folder, "predict_case", first_case_runs_out)
-    monkeypatch.setattr(folder, "load_fold_models", lambda *a, **k: [Pointwise()])
+    monkeypatch.setattr(folder, "load_fold_models", lambda *a, **k: [pointwise_model()])
     code, err = _run(["predict", "-m", str(work_dir), "-i", str(IMAGES), "-o", str(tmp_path / "o"), "--no-tta"], capsys)
     assert code == 2 and "Traceback" not in err
     assert f"case {calls[0]}" in err and "ran out of memory" in err and "--batch-size" in err and "1 of 4" in err
@@ -165,7 +156,7 @@ def test_a_full_disk_reported_without_errno_is_recognised(tmp_path, monkeypatch)
 def test_predict_on_a_full_disk_stops_with_one_message_and_no_partial_file(work_dir, tmp_path, capsys, monkeypatch):
     from medseg3d.inference import folder
 
-    monkeypatch.setattr(folder, "load_fold_models", lambda *a, **k: [Pointwise()])
+    monkeypatch.setattr(folder, "load_fold_models", lambda *a, **k: [pointwise_model()])
     tried = []
 
     def full(fd):
