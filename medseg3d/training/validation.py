@@ -45,8 +45,14 @@ def dice_from_counts(counts: torch.Tensor) -> list[float]:
 
 def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: str, val_cases: list[str],
                      out_dir: Path, device: torch.device, *, step: float = 0.5, mirroring: bool = True,
-                     arch: str | None = None) -> Path | None:
+                     arch: str | None = None, save_probabilities: bool = False) -> Path | None:
     """Predict every validation case from the raw dataset and write `out_dir/summary.json`.
+
+    `save_probabilities` also writes `out_dir/CASE.npz` (`(K, X, Y, Z)` float32 on the case's
+    original grid, `writer.write_probabilities`, as `predict --save-probabilities`), which
+    `find-best` and `ensemble` average; without it a `CASE.npz` left by an earlier run is removed,
+    so no file ever describes another model than the label map beside it. summary.json records
+    `step` and `mirroring`, which `predict --best` reuses.
 
     Dice per class is `medseg3d.evaluation.metrics.dice_per_class` (1 when a class is absent from
     both, as `medseg3d evaluate` reports). A case that fails (unreadable, wrong channels, NaN, out of
@@ -58,7 +64,7 @@ def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: st
     """
     from medseg3d.evaluation.metrics import dice_per_class
     from medseg3d.inference.predictor import predict_case
-    from medseg3d.inference.writer import write_segmentation
+    from medseg3d.inference.writer import write_probabilities, write_segmentation
     from medseg3d.io import load_dataset, read_label, read_volume
 
     root = Path(plans.dataset_dir)
@@ -81,9 +87,14 @@ def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: st
             case = cases[name]
             try:
                 image = read_volume(case.images)
-                seg, _ = predict_case([net], image, plans, config_name, step=step, use_mirroring=mirroring,
-                                      device=device, case=name, arch=arch)
+                seg, probs = predict_case([net], image, plans, config_name, step=step, use_mirroring=mirroring,
+                                          device=device, case=name, arch=arch, return_probabilities=save_probabilities)
                 write_segmentation(seg, image, out_dir / f"{name}.nii.gz", overwrite=True)
+                if probs is not None:
+                    write_probabilities(probs, out_dir / f"{name}.npz", overwrite=True)
+                    del probs
+                else:
+                    (out_dir / f"{name}.npz").unlink(missing_ok=True)
                 ref = read_label(case.label).array[0]
                 dice = dice_per_class(ref, seg, labels)
             except OutputError:
@@ -98,6 +109,7 @@ def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: st
             log.info("validation %s: Dice %s", name, per_case[-1]["dice"])
     mean = {str(c): (float(np.mean([pc["dice"][str(c)] for pc in per_case])) if per_case else None) for c in labels}
     summary = {"config": config_name, "labels": {str(k): v for k, v in plans.labels.items()},
+               "step": step, "mirroring": mirroring, "probabilities": save_probabilities,
                "mean_dice": mean, "cases": per_case, "failed": [{"case": n, "why": w} for n, w in failed]}
     path = out_dir / "summary.json"
     write_json_atomic(path, summary)
@@ -107,6 +119,77 @@ def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: st
                                f"the others were predicted into {out_dir} and summarised in {path}; the trained "
                                "checkpoints are saved", summary)
     return path
+
+
+def validate_fold(work_dir: Path, plans: Any, config_name: str, arch: str, fold: int | str, val_cases: list[str],
+                  device: torch.device, *, step: float = 0.5, mirroring: bool = True,
+                  save_probabilities: bool = False) -> Path | None:
+    """`final_validation` of `fold_K/checkpoint_final.pt`, loaded as `predict` loads it.
+
+    The network is rebuilt from the checkpoint (eval mode, contiguous memory, no deep supervision),
+    so the validation predictions are those `medseg3d predict --folds K` gives for the same images
+    and settings, bit for bit (the trained network may be channels-last or compiled). Used at the end
+    of training and by `medseg3d train --validation-only`; `CheckpointError` names a missing or
+    foreign checkpoint.
+    """
+    from medseg3d.inference.checkpoint import build_model_from_checkpoint, load_checkpoint
+    from medseg3d.paths import fold_dir_of
+
+    fold_dir = fold_dir_of(work_dir, config_name, arch, fold)
+    path = fold_dir / "checkpoint_final.pt"
+    if not path.is_file():
+        from medseg3d.errors import CheckpointError
+
+        raise CheckpointError(f"{path} does not exist: fold {fold} of {config_name}/{arch} has not finished "
+                              f"training; train it (`medseg3d train {work_dir} --config {config_name} --arch {arch} "
+                              f"--fold {fold}`, --resume to continue) before validating it")
+    ckpt = load_checkpoint(path, expected_plan=plans.network_identity(config_name, arch), legacy_hash=plans.file_hash)
+    net = build_model_from_checkpoint(ckpt).to(device)
+    del ckpt
+    return final_validation(net, work_dir, plans, config_name, val_cases, fold_dir / "validation", device,
+                            step=step, mirroring=mirroring, arch=arch, save_probabilities=save_probabilities)
+
+
+def validate_trained_fold(work_dir: str | Path, config_name: str, fold: int | str, *, arch: str | None = None,
+                          device: str = "auto", step: float = 0.5, mirroring: bool = True,
+                          save_probabilities: bool = False) -> Path:
+    """`medseg3d train --validation-only`: rerun the final validation of a trained fold; returns the fold folder.
+
+    The validation cases are the fold's in `WORK_DIR/splits.json` (the ones it was trained without).
+    """
+    from medseg3d.data.splits import fold_cases, load_or_create_splits
+    from medseg3d.device import resolve_device
+    from medseg3d.errors import ConfigError, PlanError
+    from medseg3d.logging_utils import add_file_log
+    from medseg3d.paths import fold_dir_of
+    from medseg3d.plans import Plans
+    from medseg3d.preprocess.cache import list_cached_cases
+
+    work_dir = Path(work_dir)
+    if str(fold) == "all":
+        raise ConfigError("--validation-only needs a numbered fold: fold 'all' trains on every case and has no "
+                          "validation cases")
+    plans = Plans.load(work_dir / "plans.json")
+    cfg = plans.configuration(config_name)
+    arch = (arch or cfg.architecture).lower()
+    if not (work_dir / "splits.json").is_file():
+        raise PlanError(f"{work_dir / 'splits.json'} does not exist, so fold {fold} was never trained here; "
+                        f"train it first (`medseg3d train {work_dir} --config {config_name} --fold {fold}`)")
+    splits = load_or_create_splits(work_dir, list_cached_cases(work_dir, cfg.for_architecture(arch).data_identifier),
+                                   write=False)
+    _, val_cases = fold_cases(splits, fold, [])
+    fold_dir = fold_dir_of(work_dir, config_name, arch, fold)
+    handler = add_file_log(fold_dir / "training_log.txt") if fold_dir.is_dir() else None
+    try:
+        log.info("validation only: fold %s of %s/%s, %d case(s), step %s, mirroring %s, probabilities %s", fold,
+                 config_name, arch, len(val_cases), step, mirroring, save_probabilities)
+        validate_fold(work_dir, plans, config_name, arch, fold, val_cases, resolve_device(device), step=step,
+                      mirroring=mirroring, save_probabilities=save_probabilities)
+    finally:
+        if handler is not None:
+            logging.getLogger("medseg3d").removeHandler(handler)
+            handler.close()
+    return fold_dir
 
 
 class _null:
