@@ -109,15 +109,28 @@ def load_checkpoint(
             AttributeError, ImportError, IndexError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
                               f"{_FIX_CORRUPT}") from exc
+    return check_checkpoint(ckpt, path, expected_plan=expected_plan, legacy_hash=legacy_hash)
+
+
+def check_checkpoint(
+    ckpt: Any, path: str | Path, *, expected_plan: dict[str, Any] | None = None, legacy_hash: str | None = None,
+    fix: str = _FIX_CORRUPT,
+) -> dict[str, Any]:
+    """`ckpt` (a loaded checkpoint dict, from a `.pt` file or a model package) after the checks of
+    `load_checkpoint`: a dict of the known `format_version` with every required key, trained with
+    the plan `expected_plan` (or, for a checkpoint without `plan_identity`, `legacy_hash`).
+
+    `path` names the source in messages; `fix` is what to do when the checkpoint is damaged.
+    """
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"checkpoint {path} does not hold a medseg3d checkpoint dict; {_FIX_CORRUPT}")
+        raise CheckpointError(f"checkpoint {path} does not hold a medseg3d checkpoint dict; {fix}")
     version = ckpt.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format_version {version!r}; this medseg3d reads "
                               f"{FORMAT_VERSION}. Use the medseg3d version that wrote it, or retrain")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; {_FIX_CORRUPT}")
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; {fix}")
     legacy_ok = legacy_hash is not None and "plan_identity" not in ckpt and ckpt["plan_hash"] == legacy_hash
     if expected_plan is not None and ckpt["plan_hash"] != identity_hash(expected_plan) and not legacy_ok:
         stored = ckpt.get("plan_identity")

@@ -32,7 +32,7 @@ from medseg3d.inference.predictor import predict_case
 from medseg3d.inference.writer import output_path, write_probabilities, write_segmentation
 from medseg3d.io.volume import Volume
 from medseg3d.logging_utils import console
-from medseg3d.paths import model_dir_of
+from medseg3d.paths import fold_dir_of, model_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,8 @@ def available_folds(mdir: Path, checkpoint: str) -> list[int | str]:
     return sorted(f for f in folds if f != "all") + [f for f in folds if f == "all"]  # type: ignore[operator]
 
 
-def load_fold_models(
-    work_dir: Path, config: str, arch: str, folds: list[int | str] | None, checkpoint: str, plan_identity: dict[str, Any],
-    legacy_hash: str | None = None,
-) -> list[nn.Module]:
-    """One eval-mode network per fold; `folds=None` takes every numbered fold with that checkpoint
+def select_folds(work_dir: Path, config: str, arch: str, folds: list[int | str] | None, checkpoint: str) -> list[int | str]:
+    """The folds to use: `folds`, or with `folds=None` every numbered fold with `checkpoint_<checkpoint>.pt`
     (or `fold_all` when there is no numbered one); `"all"` names `fold_all`.
 
     CheckpointError lists which folds exist when a requested one (or any) is missing.
@@ -89,16 +86,38 @@ def load_fold_models(
         raise CheckpointError(
             f"fold(s) {', '.join(str(f) for f in missing)} have no checkpoint_{checkpoint}.pt under {mdir}; "
             f"folds with one: {listed}. Pass --folds with those, or train the missing folds")
+    return list(folds)
+
+
+def load_fold_checkpoint(
+    work_dir: Path, config: str, arch: str, fold: int | str, checkpoint: str, plan_identity: dict[str, Any],
+    legacy_hash: str | None = None,
+) -> dict[str, Any]:
+    """The checked checkpoint dict of one fold (`load_checkpoint` against `plan_identity`, and of `config`)."""
+    fdir = fold_dir_of(work_dir, config, arch, fold)
+    ckpt = load_checkpoint(fdir / f"checkpoint_{checkpoint}.pt", expected_plan=plan_identity, legacy_hash=legacy_hash)
+    if ckpt.get("configuration") not in (None, config):
+        raise CheckpointError(f"{fdir} holds a checkpoint of configuration {ckpt['configuration']!r}, "
+                              f"not {config!r}; move it to results/{ckpt['configuration']}/")
+    return ckpt
+
+
+def load_fold_models(
+    work_dir: Path, config: str, arch: str, folds: list[int | str] | None, checkpoint: str, plan_identity: dict[str, Any],
+    legacy_hash: str | None = None,
+) -> list[nn.Module]:
+    """One eval-mode network per fold of `select_folds` (`folds=None`: every trained numbered fold).
+
+    CheckpointError lists which folds exist when a requested one (or any) is missing.
+    """
+    folds = select_folds(work_dir, config, arch, folds, checkpoint)
     models = []
     for f in folds:
-        ckpt = load_checkpoint(mdir / f"fold_{f}" / f"checkpoint_{checkpoint}.pt", expected_plan=plan_identity,
-                               legacy_hash=legacy_hash)
-        if ckpt.get("configuration") not in (None, config):
-            raise CheckpointError(f"{mdir}/fold_{f} holds a checkpoint of configuration {ckpt['configuration']!r}, "
-                                  f"not {config!r}; move it to results/{ckpt['configuration']}/")
+        ckpt = load_fold_checkpoint(work_dir, config, arch, f, checkpoint, plan_identity, legacy_hash)
         models.append(build_model_from_checkpoint(ckpt))
         del ckpt
-    log.info("loaded %d fold model(s) %s from %s (checkpoint_%s)", len(models), folds, mdir, checkpoint)
+    log.info("loaded %d fold model(s) %s from %s (checkpoint_%s)", len(models), folds,
+             model_dir_of(work_dir, config, arch), checkpoint)
     return models
 
 

@@ -191,6 +191,14 @@ def write_volume(vol: Volume, path: str | Path, *, overwrite: bool = False, dtyp
     path = Path(path)
     if not path.name.endswith(NIFTI_SUFFIXES):
         raise InputError(f"{path}: output must end in .nii or .nii.gz")
+    img = to_nifti(vol, dtype=dtype)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        nib.save(img, str(tmp))
+
+
+def to_nifti(vol: Volume, *, dtype: type | None = None) -> nib.Nifti1Image:
+    """`vol` as an in-memory NIfTI image, exactly as `write_volume` writes it (3D for one channel,
+    4D channels last otherwise; the source header's sform/qform and codes reused unchanged)."""
     data = vol.array[0] if vol.num_channels == 1 else np.moveaxis(vol.array, 0, -1)
     if dtype is not None:
         data = data.astype(dtype, copy=False)
@@ -212,5 +220,4 @@ def write_volume(vol: Volume, path: str | Path, *, overwrite: bool = False, dtyp
         img = nib.Nifti1Image(data, vol.affine)
         img.set_qform(vol.affine, code=1)
         img.set_sform(vol.affine, code=1)
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        nib.save(img, str(tmp))
+    return img
