@@ -54,6 +54,11 @@ class CheckpointError(MedsegError):
     """A checkpoint is missing, truncated, corrupt, or was trained with another plan."""
 
 
+class PackageError(MedsegError):
+    """A model package (`medseg3d export`'s zip) is damaged, foreign, altered after export, or of an
+    unknown format version."""
+
+
 class InputError(MedsegError):
     """An input given on the command line (file, folder, option value) cannot be used."""
 

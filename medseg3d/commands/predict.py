@@ -30,7 +30,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("predict")
     def predict(
-        model: Path = typer.Option(..., "-m", "--model", help="WORK_DIR holding plans.json and results/."),
+        model: Path = typer.Option(..., "-m", "--model", help="WORK_DIR holding plans.json and results/, or a model "
+                                                                  "package (FILE.zip from `medseg3d export`)."),
         input: Path = typer.Option(..., "-i", "--input", help="Folder of images (MSD or nnU-Net naming) or one file."),
         output: Path = typer.Option(..., "-o", "--output", help="Folder for CASE.nii.gz label maps."),
         config: str = typer.Option("3d_fullres", "--config", "-c", help="Plan configuration."),
@@ -54,8 +55,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Predict label maps with sliding-window inference, mirror TTA and fold averaging."""
         from medseg3d.inference.folder import predict_folder
+        from medseg3d.package import is_package, predict_package
 
-        summary = predict_folder(
+        summary = (predict_package if is_package(model) else predict_folder)(
             model, input, output, config=config, arch=arch, folds=_parse_folds(folds), checkpoint=checkpoint,
             step=step, use_mirroring=not no_tta, device=device, save_probabilities=save_probabilities,
             num_parts=num_parts, part_id=part_id, overwrite=overwrite, precision=precision, batch_size=batch_size,
