@@ -96,7 +96,19 @@ def load_postprocessing(model_dir: str | Path) -> dict | None:
     if not path.is_file():
         log.debug("no %s; predictions are not postprocessed", path)
         return None
+    return read_postprocessing(path)
+
+
+def read_postprocessing(path: str | Path) -> dict:
+    """The decision in the JSON file `path` (any name: `ensemble --postprocessing FILE`).
+
+    `InputError` naming the file when it is missing, unreadable or malformed.
+    """
+    path = Path(path)
     fix = "delete it and rerun `medseg3d evaluate --model WORK_DIR --config CONFIG` to choose again"
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; give the postprocessing.json that `medseg3d evaluate --model` "
+                         "wrote into the model folder")
     try:
         decision = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -1,6 +1,6 @@
 """`medseg3d evaluate`: metrics of a prediction folder, or the cross-validation summary of a model.
 
-    medseg3d evaluate PRED_DIR REF_DIR [--labels 1,2] [--json FILE] [--csv FILE] [--workers N]
+    medseg3d evaluate PRED_DIR REF_DIR [--labels 1,2] [--json FILE] [--csv FILE] [--workers N] [--overlays DIR]
     medseg3d evaluate --model WORK_DIR --config 3d_fullres [--arch unet] [--workers N]
 """
 
@@ -64,6 +64,11 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(None, "--model", "-m", help="WORK_DIR: summarise its cross-validation folds."),
         config: str = typer.Option("3d_fullres", "--config", "-c", help="Configuration (with --model)."),
         arch: str = typer.Option(None, "--arch", help="Architecture folder (with --model; default: the plan's)."),
+        overlays: Path = typer.Option(None, "--overlays",
+                                      help="Write PNG overlays (image, reference, prediction; three slices through "
+                                           "the largest error) of the 3 worst cases into this folder."),
+        images: Path = typer.Option(None, "--images", help="Images for --overlays (default: imagesTr beside "
+                                                           "REF_DIR=labelsTr, imagesTs beside labelsTs)."),
     ) -> None:
         """Dice, IoU, HD95 (mm), precision/recall, volumes, PA/MPA/mIoU/FWIoU; or, with --model, the
         cross-validation summary and the largest-component postprocessing choice."""
@@ -101,9 +106,22 @@ def register(app: typer.Typer) -> None:
             return
         if pred_dir is None or ref_dir is None:
             raise InputError("give PRED_DIR and REF_DIR (or --model WORK_DIR --config CONFIG)")
+        if overlays is not None:
+            from medseg3d.evaluation.overlays import default_image_dir
+
+            images = images or default_image_dir(ref_dir)
+            if images is None or not images.is_dir():
+                raise InputError(f"--overlays needs the images: give --images DIR (no imagesTr/imagesTs folder "
+                                 f"beside {ref_dir}{'' if images is None else f'; {images} is not a folder'})")
         try:
             summary = evaluate_folders(pred_dir, ref_dir, parse_labels(labels), n_workers, json_out, csv_out)
         except EvaluationError as exc:  # the good cases' table first, then the failed cases (exit 2)
             out.print(summary_table(exc.summary, f"{pred_dir} vs {ref_dir} (cases that could be evaluated)"))
             raise
         out.print(summary_table(summary, f"{pred_dir} vs {ref_dir}"))
+        if overlays is not None:
+            from medseg3d.evaluation.overlays import overlays_of_summary
+
+            written = overlays_of_summary(summary, images, overlays)
+            out.print(f"overlays of the {len(written)} worst case(s): {', '.join(p.name for p in written)} in {overlays}",
+                      markup=False)

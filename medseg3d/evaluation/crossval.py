@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from medseg3d.errors import DatasetError, InputError, Problem
@@ -42,16 +43,19 @@ SUMMARY_FILE = "crossval_summary.json"
 _FOLD_RE = re.compile(r"^fold_(\d+)$")
 
 
-def gather_fold_predictions(model_dir: Path) -> tuple[dict[str, Path], dict[int, list[str]]]:
+def gather_fold_predictions(model_dir: Path, only_folds: Sequence[int] | None = None
+                            ) -> tuple[dict[str, Path], dict[int, list[str]]]:
     """`{case: prediction path}` over every `fold_K/validation/` and `{fold: [cases]}`.
 
-    Raises `InputError` when no fold has validation predictions and `DatasetError` when one case
-    is predicted by two folds.
+    `only_folds`: look at these folds only (`find-best --folds`); the caller then compares the
+    returned folds with the ones it asked for. Raises `InputError` when no fold has validation
+    predictions and `DatasetError` when one case is predicted by two folds.
     """
     preds: dict[str, Path] = {}
     folds: dict[int, list[str]] = {}
     problems: list[Problem] = []
-    fold_dirs = sorted((d for d in model_dir.glob("fold_*") if _FOLD_RE.match(d.name)),
+    fold_dirs = sorted((d for d in model_dir.glob("fold_*") if _FOLD_RE.match(d.name)
+                        and (only_folds is None or int(d.name.split("_")[1]) in only_folds)),
                        key=lambda d: int(d.name.split("_")[1]))
     for fold_dir in fold_dirs:
         fold = int(fold_dir.name.split("_")[1])
@@ -77,7 +81,7 @@ def gather_fold_predictions(model_dir: Path) -> tuple[dict[str, Path], dict[int,
             f"no validation predictions under {model_dir}/fold_*/validation/; train the folds first "
             f"(`medseg3d train WORK_DIR --config CONFIG --fold K`)"
         )
-    if len(folds) != 5:
+    if only_folds is None and len(folds) != 5:
         log.warning("found %d fold(s) with validation predictions (%s), not 5", len(folds), sorted(folds))
     return preds, folds
 
