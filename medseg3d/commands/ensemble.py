@@ -10,7 +10,6 @@ from pathlib import Path
 import typer
 
 
-
 def register(app: typer.Typer) -> None:
     """Add the `ensemble` command to `app`."""
 

@@ -51,9 +51,9 @@ def markdown(selection: dict, plot: Path | None, overlays: list[Path], root: Pat
     """`selection.md`: ranking table, the winner, its postprocessing, what is missing, the figures."""
     labels = selection["labels"]
     head = ["rank", "candidate", *labels.values(), "mean Dice"]
-    lines = [f"# Model selection of {selection['work_dir']}", "",
-             f"Cross-validation on folds {', '.join(map(str, selection['folds']))} ({selection['num_cases']} "
-             "validation cases); Dice per class is the mean over cases, the mean is over classes.", "",
+    intro = (f"Cross-validation on folds {', '.join(map(str, selection['folds']))} ({selection['num_cases']} "
+             "validation cases); Dice per class is the mean over cases, the mean is over classes.")
+    lines = [f"# Model selection of {selection['work_dir']}", "", intro, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in selection["candidates"]:
         cells = [str(c["rank"]), c["name"], *(f"{c['per_class_dice'][k]:.4f}" for k in labels), f"{c['mean_dice']:.4f}"]
@@ -62,8 +62,9 @@ def markdown(selection: dict, plot: Path | None, overlays: list[Path], root: Pat
     pp = w["postprocessing"]
     steps = (["largest component of all foreground"] if pp["largest_component_foreground"] else []) + [
         f"largest component of class {c}" for c in pp["largest_component_classes"]]
-    lines += ["", f"**Winner: {w['name']}**, mean Dice {w['mean_dice']:.4f}; postprocessing: "
-              f"{', '.join(steps) or 'none'} (mean Dice {w['mean_dice_postprocessed']:.4f} after it).", "",
+    verdict = (f"**Winner: {w['name']}**, mean Dice {w['mean_dice']:.4f}; postprocessing: "
+               f"{', '.join(steps) or 'none'} (mean Dice {w['mean_dice_postprocessed']:.4f} after it).")
+    lines += ["", verdict, "",
               f"Predict with exactly this: `medseg3d predict -m {selection['work_dir']} --best -i IMAGES -o OUT`."]
     if selection["missing"]:
         lines += ["", "## Not compared", "", *(f"- {m}" for m in selection["missing"])]

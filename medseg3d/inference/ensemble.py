@@ -150,8 +150,9 @@ def ensemble_folders(in_dirs: Sequence[str | Path], out_dir: str | Path, *, post
     for name in names:
         lacking = [str(d) for d, f in zip(dirs, found) if name not in f]
         if lacking:
-            summary.failed.append((name, f"no {name}.npz in {', '.join(lacking)}; predict it there with "
-                                         "--save-probabilities or leave that folder out"))
+            why = f"no {name}.npz in {', '.join(lacking)}; predict it there with --save-probabilities or leave that " \
+                  "folder out"
+            summary.failed.append((name, why))
         else:
             todo.append(name)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
