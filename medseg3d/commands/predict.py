@@ -52,9 +52,23 @@ def register(app: typer.Typer) -> None:
         num_parts: int = typer.Option(1, "--num-parts", help="Split the cases into this many parts ..."),
         part_id: int = typer.Option(0, "--part-id", help="... and predict this one (0-based)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (default: skip them)."),
+        best: bool = typer.Option(False, "--best", help="Predict with WORK_DIR/selection.json (`medseg3d find-best`): "
+                                                   "its model or ensemble, folds, step, TTA and postprocessing."),
     ) -> None:
         """Predict label maps with sliding-window inference, mirror TTA and fold averaging."""
         from medseg3d.inference.folder import predict_folder
+
+        if best:  # everything the model needs comes from the selection
+            from medseg3d.inference.best import predict_best
+
+            if folds is not None or arch is not None or save_probabilities or no_tta:
+                raise InputError("--best predicts with the selection's folds, architecture and TTA; drop "
+                                 "--folds/--arch/--no-tta/--save-probabilities (or predict without --best)")
+            done = predict_best(model, input, output, device=device, precision=precision, batch_size=batch_size,
+                                num_parts=num_parts, part_id=part_id, overwrite=overwrite)
+            typer.echo(f"predicted {len(done.predicted)}, skipped {len(done.skipped)} (existing outputs) -> {output}")
+            return
+
         from medseg3d.package import is_package, predict_package
 
         summary = (predict_package if is_package(model) else predict_folder)(

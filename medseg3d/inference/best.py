@@ -52,6 +52,9 @@ def predict_best(work_dir: str | Path, input_path: str | Path, output_dir: str |
     from medseg3d.plans.schema import Plans
 
     work_dir, output_dir = Path(work_dir), Path(output_dir)
+    if not work_dir.is_dir():
+        raise InputError(f"--best needs the WORK_DIR that `medseg3d find-best` wrote selection.json into; "
+                         f"{work_dir} is not a folder")
     selection = load_selection(work_dir)
     winner = selection["winner"]
     folds = [int(f) for f in selection["folds"]]
