@@ -47,11 +47,23 @@ def _root(
     setup_logging(verbose)
 
 
-def _register_commands() -> None:
-    from medseg3d.commands import demo, evaluate, plan, predict, train, verify
+#: The order of the commands in `--help`; any other module of `medseg3d.commands` follows, alphabetically.
+COMMAND_ORDER = ("verify", "plan", "train", "predict", "evaluate", "demo")
 
-    for module in (verify, plan, train, predict, evaluate, demo):
-        module.register(app)
+
+def _register_commands() -> None:
+    """Every module of `medseg3d.commands` with a `register(app)` adds its command (a new command is one file)."""
+    import importlib
+    import pkgutil
+
+    import medseg3d.commands as commands
+
+    names = [m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")]
+    names.sort(key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER), n))
+    for name in names:
+        module = importlib.import_module(f"medseg3d.commands.{name}")
+        if hasattr(module, "register"):
+            module.register(app)
 
 
 _register_commands()

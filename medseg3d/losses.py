@@ -15,6 +15,7 @@ from torch import nn
 __all__ = [
     "DeepSupervisionLoss",
     "DiceCELoss",
+    "HFDLoss",
     "cross_entropy_loss",
     "deep_supervision_weights",
     "downsample_targets",
@@ -161,3 +162,56 @@ class DeepSupervisionLoss(nn.Module):
         for (o, w), t in zip(used, targets):
             total = total + w * self.loss(o, t)
         return total
+
+
+class HFDLoss(nn.Module):
+    """HDNet's high-dimension feature distance (HFD) loss on the features before a network's head.
+
+    forward(features `(B, C, *s)`, target integer `(B, *S)` or `(B, 1, *S)`; S a multiple of s, the
+    target is picked down to s like deep supervision's) -> scalar. Each voxel's feature f and each
+    class centre T_p are unit-normalised along C; the voxel's distance to class p is the cosine
+    `cos(f, T_p)`, normalised over the classes by a softmax at `temperature`, and the loss is the
+    negative log of the normalised distance to the voxel's own class, `-E[log softmax_p(cos / tau)]`
+    (the paper's `L_H = -E_x[log D_p(x)]`). Cosine rather than Euclidean: on unnormalised features the
+    loss could be lowered by scaling every feature up, which teaches nothing.
+    The centres `(K, C)` are buffers, never trained: in train mode each forward first moves them toward
+    the batch's class means of f (`T <- momentum * T + (1 - momentum) * mean`, the first batch that holds
+    a class sets its centre), summed over ranks under DDP; classes absent from the batch keep theirs.
+    """
+
+    def __init__(self, num_classes: int, channels: int, momentum: float = 0.9, temperature: float = 0.1) -> None:
+        super().__init__()
+        if not 0 <= momentum < 1 or temperature <= 0:
+            raise ValueError(f"HFD needs 0 <= momentum < 1 and temperature > 0, got {momentum}, {temperature}")
+        self.momentum = float(momentum)
+        self.temperature = float(temperature)
+        self.register_buffer("centres", torch.zeros(int(num_classes), int(channels)))
+        self.register_buffer("seen", torch.zeros(int(num_classes), dtype=torch.bool))
+
+    @torch.no_grad()
+    def update(self, feats: torch.Tensor, target: torch.Tensor) -> None:
+        """EMA step of the centres from unit features `(B, C, N)` and labels `(B, N)`."""
+        k = self.centres.shape[0]
+        onehot = F.one_hot(target.clamp(0, k - 1), k).to(feats.dtype)  # (B, N, K)
+        sums = torch.einsum("bcn,bnk->kc", feats, onehot)
+        counts = onehot.sum((0, 1))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(counts)
+        present = counts > 0
+        means = F.normalize(sums / counts.clamp_min(1)[:, None], dim=1)
+        keep = torch.where(self.seen, torch.full_like(counts, self.momentum), torch.zeros_like(counts))[:, None]
+        moved = F.normalize(keep * self.centres + (1 - keep) * means, dim=1)
+        self.centres.copy_(torch.where(present[:, None], moved, self.centres))
+        self.seen |= present
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        (tgt,) = downsample_targets(target, [features.shape[2:]])
+        if tgt.shape[0] != features.shape[0] or tuple(tgt.shape[1:]) != tuple(features.shape[2:]):
+            raise ValueError(f"target {tuple(target.shape)} does not fit features {tuple(features.shape)}")
+        f = F.normalize(features.float().flatten(2), dim=1)  # (B, C, N)
+        tgt = tgt.long().flatten(1)  # (B, N)
+        if self.training:
+            self.update(f.detach(), tgt)
+        logits = torch.einsum("bcn,kc->bkn", f, self.centres) / self.temperature
+        return F.cross_entropy(logits, tgt.clamp(0, self.centres.shape[0] - 1))

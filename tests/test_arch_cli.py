@@ -20,8 +20,10 @@ from tests._synth import SHIPPED
 from tests.test_plans import CASES, synthetic_fingerprint
 
 torch.set_num_threads(1)
-SEEDS = ["fcn", "segnet", "deeplabv3", "deeplabv3plus", "pspnet", "fcdensenet", "dilated"]
-EXTRA = {"fcdensenet": ["--arch-option", "preset=56"], "unet": ["--arch-option", "context=basic"]}
+SEEDS = ["fcn", "segnet", "deeplabv3", "deeplabv3plus", "pspnet", "fcdensenet", "dilated", "hdnet"]
+EXTRA = {"fcdensenet": ["--arch-option", "preset=56"], "unet": ["--arch-option", "context=basic"],
+         "fcn": ["--aux-loss", "hfd", "--aux-weight", "0.2"]}  # hdnet trains with HFD by default
+AUX = {"hdnet": "hfd at weight 0.1", "fcn": "hfd at weight 0.2"}
 
 
 def cli(argv: list[str], capsys=None) -> tuple[int, str]:
@@ -84,8 +86,13 @@ def test_train_resume_predict_in_2d_and_3d(planned, tmp_path, arch, capsys):
         assert ckpt["epoch"] == 2 and ckpt["architecture"] == arch
         assert ckpt["network_kwargs"]["patch_size"] == list(Plans.load(wd).configuration(config)
                                                             .for_architecture(arch).patch_size)
-        weights = {"pspnet": [1.0, 0.4], "unet": [2 / 3, 1 / 3, 0.0]}.get(arch, [1.0])
-        assert f"training outputs weighted {weights}" in (fold / "training_log.txt").read_text()
+        weights = {"pspnet": [1.0, 0.4], "unet": [2 / 3, 1 / 3, 0.0], "hdnet": [2 / 3, 1 / 3, 0.0]}.get(arch, [1.0])
+        log = (fold / "training_log.txt").read_text()
+        assert f"training outputs weighted {weights}" in log
+        assert (f"auxiliary loss {AUX[arch]}" in log) == (arch in AUX)
+        assert ("aux_state" in ckpt) == (arch in AUX)  # the HFD class centres survive --resume
+        if arch in AUX:
+            assert ckpt["aux_state"]["centres"].shape[0] == 3 and bool(ckpt["aux_state"]["seen"].any())
         out_dir = tmp_path / f"pred_{config}"
         code, out = cli(["predict", "-m", str(wd), "-i", str(SHIPPED / "imagesTs"), "-o", str(out_dir), "--config",
                          config, "--arch", arch, "--folds", "0", "--no-tta", "--device", "cpu"], capsys)

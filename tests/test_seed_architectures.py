@@ -1,4 +1,4 @@
-"""The seed architectures (FCN, SegNet, DeepLab v3/v3+, PSPNet) under the architecture contract.
+"""The seed architectures (FCN, SegNet, DeepLab v3/v3+, PSPNet, FC-DenseNet, dilated, HDNet) under the contract.
 
 2D and 3D, isotropic and anisotropic plans: output shapes, gradients everywhere, declared training
 outputs, options validated with the valid values listed, checkpoint round trip, and a short CPU
@@ -20,7 +20,7 @@ from medseg3d.networks.encoders import dilated_topology
 from medseg3d.networks.pspnet import clamp_bins
 
 torch.set_num_threads(1)
-SEEDS = ["fcn", "segnet", "deeplabv3", "deeplabv3plus", "pspnet", "fcdensenet", "dilated"]
+SEEDS = ["fcn", "segnet", "deeplabv3", "deeplabv3plus", "pspnet", "fcdensenet", "dilated", "hdnet"]
 PLANS = {
     "3d_iso": dict(dims=3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 4,
                    features=[4, 8, 16, 16], patch_size=[40, 56, 40]),
@@ -48,8 +48,12 @@ def test_shapes_gradients_and_declared_outputs(arch, plan):
     out = net(x)
     outs = out if isinstance(out, list) else [out]
     assert len(outs) == len(net.output_weights)
-    assert all(tuple(o.shape) == (2, 3, *p["patch_size"]) for o in outs)
-    loss = DeepSupervisionLoss(DiceCELoss(), weights=net.output_weights)(out, torch.randint(0, 3, (2, *p["patch_size"])))
+    assert tuple(outs[0].shape) == (2, 3, *p["patch_size"])  # the rest: full (PSPNet's aux) or deep-supervision size
+    assert all(tuple(o.shape[:2]) == (2, 3) and all(n % m == 0 for n, m in zip(p["patch_size"], o.shape[2:]))
+               for o in outs[1:])
+    # every output weighted 1: nnU-Net's deep supervision gives its lowest head weight 0 (a declared choice,
+    # tested in test_declared_loss_weights); here every module must be able to receive a gradient
+    loss = DeepSupervisionLoss(DiceCELoss(), weights=[1.0] * len(outs))(out, torch.randint(0, 3, (2, *p["patch_size"])))
     loss.backward()
     missing = [n for n, q in net.named_parameters() if q.grad is None or not torch.isfinite(q.grad).all()
                or q.grad.abs().sum() == 0]
@@ -68,6 +72,7 @@ def test_declared_loss_weights():
         assert build_network(arch, in_channels=1, num_classes=2, **p).output_weights == [1.0]
     unet = build_network("unet", in_channels=1, num_classes=2, **p)
     assert unet.output_weights == pytest.approx([2 / 3, 1 / 3, 0.0])  # nnU-Net's weights, 3 decoder outputs
+    assert build_network("hdnet", in_channels=1, num_classes=2, **p).output_weights == unet.output_weights
 
 
 def test_options_are_validated_with_the_valid_values_listed():
@@ -128,7 +133,8 @@ def test_checkpoint_round_trip_predicts_identically(arch, tmp_path):
     p = PLANS["3d_aniso"]
     options = {"pspnet": {"bins": "1,2,4"}, "fcn": {"variant": "16s"}, "deeplabv3plus": {"output_stride": 8},
                "deeplabv3": {"rates": "paper"}, "segnet": {"convs": 1},
-               "fcdensenet": {"preset": "56", "checkpoint": "true"}, "dilated": {"module": "large"}}[arch]
+               "fcdensenet": {"preset": "56", "checkpoint": "true"}, "dilated": {"module": "large"},
+               "hdnet": {"ranges": "3,5", "output_stride": 4}}[arch]
     torch.manual_seed(1)
     net = build_network(arch, in_channels=1, num_classes=3, options=options, **p)
     kwargs = {k: v for k, v in p.items()} | {"options": net.arch_options}
@@ -228,3 +234,91 @@ def test_fcdensenet_presets_scale_to_the_plan():
     assert preset_layers("56", 4) == ([4, 4, 4, 4], 4, 12)
     net = build_network("fcdensenet", in_channels=1, num_classes=2, options={"preset": "67"}, **PLANS["3d_aniso"])
     assert len(net.down) == 3 and [len(b.layers) for b in net.down] == [5, 5, 5] and net.pools[0] == (2, 2, 1)
+
+
+def test_hdnet_windows_and_stage_follow_the_plan():
+    from medseg3d.networks.hdnet import attention_stage, relation_windows
+
+    assert attention_stage([[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 1]], 8) == 3  # cumulative 8x8x2
+    assert attention_stage([[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]], 8) == 3  # not the stride-16 bottleneck
+    # a coarse axis with kernel 1 is not pooled across; windows are capped at 2m - 1 and merged when equal
+    assert relation_windows([3, 5, 7], [12, 10, 6], [3, 3, 1]) == [(3, 3, 1), (5, 5, 1), (7, 7, 1)]
+    assert relation_windows([3, 5, 7, 9], [2, 3, 4], [3, 3, 3]) == [(3, 3, 3), (3, 5, 5), (3, 5, 7)]
+    assert relation_windows([4], [9, 9], [3, 3]) == [(5, 5)]  # even ranges round up to odd windows
+    net = build_network("hdnet", in_channels=1, num_classes=2, **PLANS["3d_aniso"])
+    assert net.context_stage == 3 and net.context.windows == [(3, 3, 3), (5, 5, 5), (7, 7, 7)]  # a 6x5x6 map
+
+
+def test_hdnet_relations_are_cosines_of_avg_and_max_pooling():
+    from medseg3d.networks.hdnet import LocationAwareAttention
+
+    torch.manual_seed(0)
+    laa = LocationAwareAttention(2, 16, [(3, 3), (5, 5)], reduction=2).eval()
+    x = torch.randn(2, 16, 9, 7)
+    with torch.no_grad():
+        rel = laa.relations(x)
+        t = laa.theta(x)
+        avg = torch.nn.functional.avg_pool2d(t, 3, 1, 1, count_include_pad=False)
+        mx = torch.nn.functional.max_pool2d(t, 5, 1, 2)
+    assert tuple(rel.shape) == (2, 4, 9, 7) and rel.abs().max() <= 1 + 1e-5
+    assert torch.allclose(rel[:, 0], torch.nn.functional.cosine_similarity(t, avg, dim=1), atol=1e-5)
+    assert torch.allclose(rel[:, 3], torch.nn.functional.cosine_similarity(t, mx, dim=1), atol=1e-5)
+    const = torch.ones(1, 16, 5, 5)  # a constant map: every point equals its context
+    with torch.no_grad():
+        assert torch.allclose(laa.relations(const), torch.ones(1, 4, 5, 5), atol=1e-4)
+
+
+def test_hfd_centres_follow_the_class_means_without_gradient():
+    from medseg3d.losses import HFDLoss
+
+    torch.manual_seed(0)
+    hfd = HFDLoss(num_classes=3, channels=4, momentum=0.5).train()
+    means = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    target = torch.randint(0, 3, (2, 6, 6))
+    feats = (means[target].permute(0, 3, 1, 2) + 0.05 * torch.randn(2, 4, 6, 6)).requires_grad_(True)
+    hfd.centres.copy_(torch.nn.functional.normalize(torch.randn(3, 4), dim=1))
+    hfd.seen.fill_(True)
+    before = (hfd.centres - means).norm(dim=1)
+    loss = hfd(feats, target)
+    after = (hfd.centres - means).norm(dim=1)
+    assert (after < before).all()  # each centre moved toward its class mean
+    assert not hfd.centres.requires_grad and hfd.centres.grad is None
+    loss.backward()
+    assert feats.grad is not None and torch.isfinite(feats.grad).all()
+    # the first batch holding a class sets its centre; an absent class keeps its centre
+    fresh = HFDLoss(num_classes=3, channels=4).train()
+    fresh(feats.detach(), torch.zeros_like(target))
+    assert fresh.seen.tolist() == [True, False, False] and torch.equal(fresh.centres[1:], torch.zeros(2, 4))
+    # lower-resolution features get the target picked down to their size
+    assert torch.isfinite(fresh(torch.randn(2, 4, 3, 3), target))
+
+
+def test_hfd_trains_any_architecture_through_its_classifier():
+    from medseg3d.training.aux import FeatureLoss, resolve_aux_loss
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    p = dict(dims=2, strides=[[1, 1], [2, 2], [2, 2], [2, 2]], kernel_sizes=[[3, 3]] * 4, features=[8, 16, 32, 32],
+             patch_size=[48, 48])
+    hd = build_network("hdnet", in_channels=1, num_classes=2, **p)
+    assert resolve_aux_loss(None, None, hd) == ("hfd", 0.1) and resolve_aux_loss("none", None, hd) is None
+    net = build_network("fcn", in_channels=1, num_classes=2, **p).train()
+    assert resolve_aux_loss(None, None, net) is None and resolve_aux_loss("hfd", 0.5, net) == ("hfd", 0.5)
+    with pytest.raises(ConfigError, match="--aux-loss hfd"):
+        resolve_aux_loss(None, 0.3, net)
+    aux = FeatureLoss(net, "hfd", 0.1, 2, torch.device("cpu"))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    loss_fn = DiceCELoss()
+    for _ in range(200):
+        x, y = _discs(g)
+        opt.zero_grad()
+        (loss_fn(net(x), y) + aux(y)).backward()
+        opt.step()
+    assert bool(aux.loss.seen.all())
+    x, y = _discs(torch.Generator().manual_seed(99), 16)
+    with torch.no_grad():
+        pred = net.eval()(x).argmax(1)
+    assert aux._features is None  # eval forwards are not captured
+    dice = 2 * ((pred == 1) & (y == 1)).sum() / ((pred == 1).sum() + (y == 1).sum())
+    assert float(dice) > 0.9
+    aux.close()

@@ -40,6 +40,11 @@ def register(app: typer.Typer) -> None:
         arch_option: list[str] = typer.Option([], "--arch-option",
                                               help="key=value option of the architecture, repeatable (e.g. "
                                                    "output_stride=8); docs/networks.md lists each one's options."),
+        aux_loss: str | None = typer.Option(None, "--aux-loss",
+                                            help="Auxiliary loss on the features before the head: hfd (HDNet's "
+                                                 "feature-distance loss) or none. Default: the architecture's "
+                                                 "(hdnet: hfd, the others none)."),
+        aux_weight: float | None = typer.Option(None, "--aux-weight", help="Weight of --aux-loss (default 0.1)."),
         epochs: int = typer.Option(1000, "--epochs", help="Number of epochs."),
         iterations: int = typer.Option(250, "--iterations-per-epoch", help="Training iterations per epoch."),
         val_iterations: int = typer.Option(50, "--val-iterations", help="Validation patches batches per epoch."),
@@ -92,7 +97,7 @@ def register(app: typer.Typer) -> None:
             weight_decay=weight_decay,
             grad_clip=grad_clip, oversample_fg=oversample_fg, augment=augment, device=device, amp=amp,
             compile=compile_, channels_last=channels_last, num_workers=num_workers, seed=seed, resume=resume,
-            early_stopping=early_stopping,
+            early_stopping=early_stopping, aux_loss=aux_loss, aux_weight=aux_weight,
             time_budget_s=time_budget, save_every=save_every, final_validation=final_validation, val_mirroring=val_tta,
         )
         out = train_fold(work_dir, config, _fold(fold), tc)

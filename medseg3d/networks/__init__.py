@@ -1,13 +1,14 @@
 """Networks: a registry of plan-driven 2D/3D architectures (see `medseg3d.networks.registry` for the contract).
 
 U-Net family: `unet`, `resenc_unet`, `vnet` (each with the `context` plug-in); the seed
-architectures: `fcn`, `segnet`, `deeplabv3`, `deeplabv3plus`, `pspnet`, `fcdensenet`, `dilated`.
+architectures: `fcn`, `segnet`, `deeplabv3`, `deeplabv3plus`, `pspnet`, `fcdensenet`, `dilated`, `hdnet`.
 """
 
 from medseg3d.networks import context as _context
 from medseg3d.networks import deeplab as _deeplab
 from medseg3d.networks import fcdensenet as _fcdensenet
 from medseg3d.networks import fcn as _fcn
+from medseg3d.networks import hdnet as _hdnet
 from medseg3d.networks import pspnet as _pspnet
 from medseg3d.networks import resenc_unet as _resenc_unet
 from medseg3d.networks import segnet as _segnet

@@ -92,6 +92,7 @@ class DilatedNet(nn.Module):
         self.map_size = feature_map_size(patch_size, new_strides)
         self.context = ContextModule(dims, num_classes, module, self.map_size, kernel_sizes[-1])
         self.output_weights = [1.0]
+        self.classifier_path = "scores"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]

@@ -105,6 +105,7 @@ class DeepLabV3(nn.Module):
             self.head = ConvNormAct(dims, c, c, kernel_sizes[-1], norm=norm)
         self.classifier = conv(dims, c, num_classes, 1)
         self.output_weights = [1.0]
+        self.classifier_path = "classifier"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]

@@ -112,6 +112,7 @@ class FCDenseNet(nn.Module):
             last = block.out_channels
         self.classifier = conv(dims, last, num_classes, 1)
         self.output_weights = [1.0]
+        self.classifier_path = "classifier"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

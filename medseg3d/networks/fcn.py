@@ -49,6 +49,7 @@ class FCN(nn.Module):
         factor = [math.prod(st[a] for st in strides[: shallowest + 1]) for a in range(dims)]
         self.final_up = BilinearUpsample(dims, num_classes, factor)
         self.output_weights = [1.0]
+        self.classifier_path = "scores.0"  # the head on the deepest features (the paper's score_fr)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = []

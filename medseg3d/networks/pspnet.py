@@ -78,6 +78,7 @@ class PSPNet(nn.Module):
                                           _DROPOUT[dims](DROPOUT), conv(dims, ca, num_classes, 1))
         self.deep_supervision = deep_supervision
         self.output_weights = [1.0, float(aux_weight)] if (self.aux and deep_supervision) else [1.0]
+        self.classifier_path = "head.2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         size = x.shape[2:]

@@ -8,7 +8,8 @@ The contract every family fits (docs/networks.md, "The architecture contract"):
   with `deep_supervision` a list of logits (the full-resolution output first, then the training
   outputs the architecture declares: U-Net deep supervision, PSPNet's auxiliary head), else one
   `(B, K, *patch)` tensor; and it carries `output_weights`, the loss weight of each training output,
-  which the trainer's loss follows.
+  which the trainer's loss follows; and `classifier_path`, the submodule producing the main logits,
+  whose input is the feature map an auxiliary feature loss (`--aux-loss hfd`) supervises.
 Options come from the plan (`architecture_options`, defaults per architecture) and from
 `medseg3d train --arch-option key=value`; checkpoints store them in `network_kwargs["options"]`.
 """
@@ -214,6 +215,9 @@ def build_network(name: str, *, in_channels: int, num_classes: int, dims: int, s
     weights = getattr(net, "output_weights", None)
     if not weights or any(float(w) < 0 for w in weights):
         raise RuntimeError(f"architecture {arch.name!r} must declare non-negative output_weights")  # a bug, not input
+    from medseg3d.networks.base import classifier_of
+
+    classifier_of(net)  # a bug, not input: every architecture names its head (`classifier_path`)
     net.arch_options = resolved
     return net
 

@@ -47,6 +47,7 @@ class SegNet(nn.Module):
         self.top = StackedConv(dims, convs, features[0], features[0], kernel_sizes[0], 1, norm=norm)
         self.classifier = conv(dims, features[0], num_classes, 1)
         self.output_weights = [1.0]
+        self.classifier_path = "classifier"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         indices, sizes = [], []

@@ -16,6 +16,7 @@ from medseg3d.errors import ConfigError
 
 DEVICES = ("auto", "cuda", "cpu")
 OPTIMIZERS = ("sgd", "adamw")
+AUX_LOSSES = ("none", "hfd")  # --aux-loss: "none" turns off an architecture's default (medseg3d.training.aux)
 
 
 @dataclass
@@ -49,6 +50,8 @@ class TrainConfig:
     ema_alpha: float = 0.9                   # EMA pseudo-Dice = alpha * old + (1 - alpha) * new
     time_budget_s: float | None = None       # wall-clock budget of this invocation: epochs sized after the first
     save_every: int = 1                      # checkpoint_latest.pt every N epochs
+    aux_loss: str | None = None              # None: the architecture's default (hdnet: hfd); "none" or "hfd"
+    aux_weight: float | None = None          # None: the architecture's (0.1)
     final_validation: bool = True
     val_step: float = 0.5
     val_mirroring: bool = True
@@ -84,6 +87,10 @@ class TrainConfig:
                               "give --val-iterations 1 or more, or drop --early-stopping")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError(f"--time-budget must be positive seconds (got {self.time_budget_s})")
+        if self.aux_loss is not None and self.aux_loss.lower() not in AUX_LOSSES:
+            raise ConfigError(f"--aux-loss must be one of {', '.join(AUX_LOSSES)} (got {self.aux_loss!r})")
+        if self.aux_weight is not None and self.aux_weight < 0:
+            raise ConfigError(f"--aux-weight must be >= 0 (got {self.aux_weight})")
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0 (got {self.num_workers})")
 

@@ -28,6 +28,7 @@ class RunState:
     epochs_since_best: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
+    aux: dict[str, Any] = field(default_factory=dict)  # the auxiliary loss's state (HFD class centres)
 
 
 def rng_states() -> dict[str, Any]:
@@ -72,6 +73,8 @@ def make_payload(net: nn.Module, optimizer: torch.optim.Optimizer | None, scaler
         "run_state": {"ema_dice": state.ema_dice, "best_ema": state.best_ema,
                       "epochs_since_best": state.epochs_since_best, "stopped_early": state.stopped_early},
     })
+    if state.aux:
+        payload["aux_state"] = dict(state.aux)
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
         payload["scaler"] = scaler.state_dict() if scaler is not None else None
@@ -148,6 +151,6 @@ def resume(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scaler:
     rs = ckpt.get("run_state", {})
     state = RunState(epoch=int(ckpt.get("epoch", 0)), ema_dice=rs.get("ema_dice"), best_ema=rs.get("best_ema", -1.0),
                      epochs_since_best=int(rs.get("epochs_since_best", 0)), history=list(ckpt.get("log", [])),
-                     stopped_early=bool(rs.get("stopped_early", False)))
+                     stopped_early=bool(rs.get("stopped_early", False)), aux=dict(ckpt.get("aux_state") or {}))
     log.info("resumed from %s at epoch %d", path, state.epoch)
     return state

@@ -33,6 +33,7 @@ from medseg3d.errors import ConfigError, MedsegError, OutputExistsError, PlanErr
 from medseg3d.logging_utils import add_file_log, console
 from medseg3d.paths import fold_dir_of
 from medseg3d.training import state as st
+from medseg3d.training.aux import FeatureLoss, resolve_aux_loss
 from medseg3d.training.config import TrainConfig, check_patch_size
 from medseg3d.training.distributed import (
     DistInfo,
@@ -63,6 +64,7 @@ class _Loop:
     num_classes: int                # K, background included
     info: DistInfo
     meta: dict[str, Any]            # the checkpoint's description of the run (plan, network, runtime)
+    aux: FeatureLoss | None = None  # auxiliary feature loss (--aux-loss hfd; HDNet's default)
     compile_proven: bool = False    # the compiled model has run a step: later errors are real errors
 
 
@@ -161,6 +163,12 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
                             **kwargs).to(device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        aux_spec = resolve_aux_loss(tc.aux_loss, tc.aux_weight, net)
+        if aux_spec is not None:  # its hook on the classifier's input stays outside torch.compile
+            if tc.compile:
+                raise ConfigError(f"--compile and the auxiliary loss {aux_spec[0]} do not go together (the loss "
+                                  "reads the classifier's input through a hook); drop --compile or add --aux-loss none")
+            tc.compile = False
         runtime = resolve_runtime(tc, device, cfg.dims, info.world_size)
         if runtime.channels_last:
             net = net.to(memory_format=torch.channels_last_3d if cfg.dims == 3 else torch.channels_last)
@@ -178,6 +186,9 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
                                   device, meta, legacy_hash=plans.file_hash)
             else:
                 log.warning("--resume: no %s yet, starting this fold from epoch 0", latest)
+        aux = FeatureLoss(net, *aux_spec, num_classes, device) if aux_spec is not None else None
+        if aux is not None:
+            aux.load_state_dict(state.aux)  # the class centres of a resumed run
         model: torch.nn.Module = net
         if runtime.compile:
             model = torch.compile(net)
@@ -191,8 +202,9 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
                  f" ({rank_batch}/rank x {info.world_size})" if info.enabled else "",
                  f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters", tc.optimizer)
         log.info("runtime: %s", runtime.describe())
-        log.info("training outputs weighted %s (as %s declares)%s", net.output_weights, arch,
-                 f"; options {kwargs['options']}" if kwargs["options"] else "")
+        log.info("training outputs weighted %s (as %s declares)%s%s", net.output_weights, arch,
+                 f"; options {kwargs['options']}" if kwargs["options"] else "",
+                 f"; auxiliary loss {aux.name} at weight {aux.weight:g}" if aux is not None else "")
         # a resumed run gets fresh (but reproducible) data streams: seeded by epoch and rank too
         stream_seed = [tc.seed, info.rank, state.epoch]
         train_spec = StreamSpec(work_dir, cfg.data_identifier, train_cases, patch, rank_batch, cfg.slice_axis,
@@ -205,8 +217,10 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
             train_iter = iter(make_loader(train_spec, runtime.workers, pin_memory=device.type == "cuda"))
             val_iter = iter(make_loader(val_spec, 0))
             loop = _Loop(model=model, net=net, opt=opt, runtime=runtime, loss_fn=loss_fn, val_loss_fn=val_loss_fn,
-                         num_classes=num_classes, info=info, meta=meta)
+                         num_classes=num_classes, info=info, meta=meta, aux=aux)
             _epochs(state, tc, fold_dir, train_iter, val_iter, plans, loop)
+        if aux is not None:
+            aux.close()
         if info.is_main:
             st.save(fold_dir / "checkpoint_final.pt", net, None, None, state, meta)
             if not (fold_dir / "checkpoint_best.pt").exists():
@@ -244,6 +258,8 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
             t0 = time.perf_counter()
             train_loss, wait = _train_epoch(tc, train_iter, loop, bar, task)
             train_time = time.perf_counter() - t0
+            if loop.aux is not None:
+                state.aux = loop.aux.state_dict()
             bar.remove_task(task)
             val_loss, counts = _validate(tc, val_iter, loop)
             epoch_time = time.perf_counter() - t0
@@ -365,6 +381,8 @@ def _train_step(tc: TrainConfig, loop: _Loop, image: torch.Tensor, label: torch.
     with _autocast(loop.runtime):
         outputs = model(image)
     loss = loop.loss_fn(outputs, label)
+    if loop.aux is not None:
+        loss = loss + loop.aux(label)
     if loop.info.enabled and isinstance(outputs, (list, tuple)):
         # outputs with deep-supervision weight 0 get no gradient; DDP needs every parameter in the graph
         loss = loss + 0.0 * sum(o.float().sum() for o in outputs[1:])
