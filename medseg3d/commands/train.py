@@ -84,10 +84,23 @@ def register(app: typer.Typer) -> None:
         final_validation: bool = typer.Option(True, "--final-validation/--no-final-validation",
                                               help="Sliding-window validation of the fold's cases at the end."),
         val_tta: bool = typer.Option(True, "--val-tta/--no-val-tta", help="Mirror TTA in the final validation."),
+        save_probabilities: bool = typer.Option(False, "--save-probabilities",
+                                                help="Final validation also writes validation/CASE.npz ((K, X, Y, Z) "
+                                                     "float32), which find-best's ensembles need (large on big data)."),
+        validation_only: bool = typer.Option(False, "--validation-only",
+                                             help="Only rerun the final validation of the trained fold "
+                                                  "(checkpoint_final.pt), e.g. with --save-probabilities."),
     ) -> None:
         """Train one fold with nnU-Net's recipe; writes WORK_DIR/results/CONFIG/ARCH/fold_K/."""
         from medseg3d.networks.registry import parse_option_args
         from medseg3d.training import TrainConfig, train_fold
+        from medseg3d.training.validation import validate_trained_fold
+
+        if validation_only:
+            out = validate_trained_fold(work_dir, config, _fold(fold), arch=arch, device=device, mirroring=val_tta,
+                                        save_probabilities=save_probabilities)
+            typer.echo(f"validated -> {out / 'validation'}")
+            return
 
         patch = _ints(patch_size, "--patch-size")
         tc = TrainConfig(
@@ -99,6 +112,7 @@ def register(app: typer.Typer) -> None:
             compile=compile_, channels_last=channels_last, num_workers=num_workers, seed=seed, resume=resume,
             early_stopping=early_stopping, aux_loss=aux_loss, aux_weight=aux_weight,
             time_budget_s=time_budget, save_every=save_every, final_validation=final_validation, val_mirroring=val_tta,
+            save_probabilities=save_probabilities,
         )
         out = train_fold(work_dir, config, _fold(fold), tc)
         typer.echo(f"trained -> {out}")

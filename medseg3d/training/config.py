@@ -55,6 +55,7 @@ class TrainConfig:
     final_validation: bool = True
     val_step: float = 0.5
     val_mirroring: bool = True
+    save_probabilities: bool = False         # final validation also writes CASE.npz (find-best's ensembles)
     n_folds: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
 

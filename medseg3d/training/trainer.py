@@ -46,7 +46,7 @@ from medseg3d.training.distributed import (
 )
 from medseg3d.training.logger import write_epoch_artifacts
 from medseg3d.training.runtime import Runtime, resolve_runtime
-from medseg3d.training.validation import confusion_counts, dice_from_counts, final_validation
+from medseg3d.training.validation import confusion_counts, dice_from_counts, validate_fold
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +229,9 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
                 log.info("no validation pseudo-Dice was measured (--val-iterations %d): checkpoint_best.pt holds "
                          "the final weights", tc.val_iterations)
             if tc.final_validation and val_cases:
-                final_validation(net, work_dir, plans, config_name, val_cases, fold_dir / "validation", device,
-                                 step=tc.val_step, mirroring=tc.val_mirroring, arch=arch)
+                # on the saved checkpoint_final.pt, rebuilt as `predict` loads it: the same predictions
+                validate_fold(work_dir, plans, config_name, arch, fold, val_cases, device, step=tc.val_step,
+                              mirroring=tc.val_mirroring, save_probabilities=tc.save_probabilities)
         barrier(info)
         return fold_dir
     finally:
