@@ -6,6 +6,10 @@
 - nnU-Net v2 raw: `dataset.json` with `channel_names` (id -> name), `labels` (name -> id),
   `numTraining`, `file_ending`; `imagesTr/CASE_0000<ending>` one file per channel,
   `labelsTr/CASE<ending>`.
+
+Files are NIfTI (`.nii.gz`, `.nii`), NRRD (`.nrrd`, `.nhdr`) or MetaImage (`.mha`, `.mhd`) in both
+layouts (`medseg3d.io.formats`). `predict` inputs may also be DICOM series, one per sub-folder of the
+input folder (`medseg3d.io.dicom`); training data in DICOM is not read (convert it first).
 """
 
 from __future__ import annotations
@@ -17,18 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg3d.errors import DatasetError, InputError, Problem
-from medseg3d.io.volume import is_nifti, read_header, strip_nifti_suffix
+from medseg3d.io.formats import FILE_SUFFIXES, IMAGE_SUFFIXES, is_image_file, strip_image_suffix
+from medseg3d.io.volume import read_header
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One case: its name, one image path per channel file (one 4D file for MSD), its label."""
+    """One case: its name, one image path per channel file (one 4D file for MSD), its label.
+
+    A DICOM case has one image path, the series folder, and the SeriesInstanceUID chosen in it.
+    """
 
     name: str
     images: tuple[Path, ...]
     label: Path | None = None
+    series_uid: str | None = None
 
 
 @dataclass
@@ -121,7 +130,7 @@ def _discover_msd(root: Path, meta: dict) -> tuple[DatasetSpec | None, list[Prob
             continue
         image = (root / entry["image"]).resolve()
         label = (root / entry["label"]).resolve()
-        name = strip_nifti_suffix(image.name)
+        name = strip_image_suffix(image.name)
         listed_images.add(image.name)
         listed_labels.add(label.name)
         if not image.is_file():
@@ -132,14 +141,14 @@ def _discover_msd(root: Path, meta: dict) -> tuple[DatasetSpec | None, list[Prob
             cases.append(Case(name, (image,), label))
     for folder, listed, what in (("labelsTr", listed_labels, "label"), ("imagesTr", listed_images, "image")):
         for path in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
-            if is_nifti(path) and path.name not in listed:
+            if is_image_file(path) and path.name not in listed:
                 other = "image" if what == "label" else "label"
-                problems.append(Problem(strip_nifti_suffix(path.name), str(path), f"this {what} has no {other} listed in dataset.json 'training'", f"add the case to 'training' with its {other}, or remove the file"))
+                problems.append(Problem(strip_image_suffix(path.name), str(path), f"this {what} has no {other} listed in dataset.json 'training'", f"add the case to 'training' with its {other}, or remove the file"))
     test_cases = []
     for entry in meta.get("test", []) or []:
         image = (root / (entry["image"] if isinstance(entry, dict) else entry)).resolve()
         label = root / "labelsTs" / image.name
-        test_cases.append(Case(strip_nifti_suffix(image.name), (image,), label if label.is_file() else None))
+        test_cases.append(Case(strip_image_suffix(image.name), (image,), label if label.is_file() else None))
     channel_names = [modality[k] for k in sorted(modality)]
     spec = DatasetSpec(root, "msd", str(meta.get("name", root.name)), channel_names, labels, cases, test_cases)
     return spec, problems
@@ -163,8 +172,9 @@ def _discover_nnunet(root: Path, meta: dict) -> tuple[DatasetSpec | None, list[P
                 problems.append(Problem(None, str(meta_path), f"label {name!r} has id {value!r}, not an integer", "use integer ids"))
     _check_labels(labels, meta_path, problems)
     ending = meta.get("file_ending", ".nii.gz")
-    if ending not in (".nii.gz", ".nii"):
-        problems.append(Problem(None, str(meta_path), f"file_ending {ending!r} is not supported (NIfTI only)", "convert the images to .nii.gz"))
+    endings = [e for v in FILE_SUFFIXES.values() for e in v]
+    if ending not in endings:
+        problems.append(Problem(None, str(meta_path), f"file_ending {ending!r} is not supported (one of {', '.join(endings)})", "convert the images to .nii.gz (or .nrrd/.mha)"))
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
@@ -209,16 +219,20 @@ def _group_channel_files(folder: Path, ending: str, problems: list[Problem]) -> 
             continue
         match = _CHANNEL_RE.match(path.name[: -len(ending)])
         if not match:
-            problems.append(Problem(strip_nifti_suffix(path.name), str(path), "the image name lacks the _XXXX channel suffix nnU-Net v2 requires", f"rename it to {strip_nifti_suffix(path.name)}_0000{ending}"))
+            problems.append(Problem(strip_image_suffix(path.name), str(path), "the image name lacks the _XXXX channel suffix nnU-Net v2 requires", f"rename it to {strip_image_suffix(path.name)}_0000{ending}"))
             continue
         groups[match["case"]][int(match["ch"])] = path
     return dict(groups)
 
 
-def find_input_cases(path: str | Path, num_channels: int, file_ending: str | None = None) -> list[Case]:
+def find_input_cases(
+    path: str | Path, num_channels: int, file_ending: str | None = None, *, series_uid: str | None = None
+) -> list[Case]:
     """Cases to predict: a single file, or a folder in MSD naming (`CASE.nii.gz`, 4D when several
-    channels) or nnU-Net naming (`CASE_0000.nii.gz`, ...). `InputError` lists every problem."""
-    cases, problems = input_cases_and_problems(path, num_channels, file_ending)
+    channels) or nnU-Net naming (`CASE_0000.nii.gz`, ...), NIfTI, NRRD or MHA/MHD, and DICOM series
+    (each sub-folder holding one is a case; a folder that is one series is one case). `InputError`
+    lists every problem."""
+    cases, problems = input_cases_and_problems(path, num_channels, file_ending, series_uid=series_uid)
     if problems:
         lines = "\n  ".join(f"case {name}: {why}" for name, why in problems)
         raise InputError(f"input channels do not match the model:\n  {lines}")
@@ -226,18 +240,24 @@ def find_input_cases(path: str | Path, num_channels: int, file_ending: str | Non
 
 
 def input_cases_and_problems(
-    path: str | Path, num_channels: int, file_ending: str | None = None
+    path: str | Path, num_channels: int, file_ending: str | None = None, *, series_uid: str | None = None
 ) -> tuple[list[Case], list[tuple[str, str]]]:
     """`find_input_cases` that keeps going: the usable cases and `(case, why)` for each case that is not
-    (wrong channel count or files, unreadable header), so one bad case does not stop a folder.
+    (wrong channel count or files, unreadable header, a DICOM folder with several series, missing
+    slices or uneven spacing), so one bad case does not stop a folder.
 
-    `InputError` only when `path` itself is unusable (missing, not NIfTI, no NIfTI inside).
+    `series_uid` chooses the series in DICOM folders holding several (`--series-uid`).
+    `InputError` only when `path` itself is unusable (missing, not an image, no image inside, or
+    itself a DICOM series folder that cannot be used).
     """
+    from medseg3d.io.dicom import series_ids
+
     path = Path(path)
     if path.is_file():
-        if not is_nifti(path):
-            raise InputError(f"{path} is not a NIfTI file (.nii or .nii.gz)")
-        stem = strip_nifti_suffix(path.name)
+        if not is_image_file(path):
+            raise InputError(f"{path} is not an image file medseg3d reads ({', '.join(IMAGE_SUFFIXES)}); give a "
+                             "DICOM series as the folder holding its files")
+        stem = strip_image_suffix(path.name)
         match = _CHANNEL_RE.match(stem)
         if match and num_channels > 1:
             files = [path.with_name(f"{match['case']}_{i:04d}{path.name[len(stem):]}") for i in range(num_channels)]
@@ -249,13 +269,37 @@ def input_cases_and_problems(
         _check_channels(Case(name, (path,)), num_channels)
         return [Case(name, (path,))], []
     if not path.is_dir():
-        raise InputError(f"input {path} does not exist; give a NIfTI file or a folder of them")
-    files = [p for p in sorted(path.iterdir()) if is_nifti(p) and (file_ending is None or p.name.endswith(file_ending))]
-    if not files:
-        raise InputError(f"no .nii/.nii.gz files in {path}")
-    stems = [strip_nifti_suffix(p.name) for p in files]
+        raise InputError(f"input {path} does not exist; give an image file, a folder of them or DICOM series folders")
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file() and is_image_file(p)
+             and (file_ending is None or p.name.endswith(file_ending))]
+    series_dirs = [p for p in entries if p.is_dir() and series_ids(p)]
+    if not files and not series_dirs:
+        if series_ids(path):  # the folder is itself one series: one case, its problems are the input's
+            dicom_cases, dicom_problems = _dicom_cases([path], num_channels, series_uid)
+            if dicom_problems:
+                raise InputError(dicom_problems[0][1])
+            return dicom_cases, []
+        raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) or DICOM series folders in {path}")
+    cases, problems = _file_cases(files, num_channels)
+    dicom_cases, dicom_problems = _dicom_cases(series_dirs, num_channels, series_uid)
+    taken = {c.name for c in cases} | {name for name, _ in problems}
+    for case in dicom_cases:
+        if case.name in taken:
+            why = f"both image file(s) and the DICOM folder {case.images[0]} are named {case.name}; rename one"
+            problems.append((case.name, why))
+        else:
+            cases.append(case)
+    return sorted(cases, key=lambda c: c.name), problems + dicom_problems
+
+
+def _file_cases(files: list[Path], num_channels: int) -> tuple[list[Case], list[tuple[str, str]]]:
+    """Cases of the image files of one folder (MSD or nnU-Net naming) and `(case, why)` of the unusable ones."""
     cases: list[Case] = []
     problems: list[tuple[str, str]] = []
+    if not files:
+        return cases, problems
+    stems = [strip_image_suffix(p.name) for p in files]
     if all(_CHANNEL_RE.match(s) for s in stems):
         groups: dict[str, dict[int, Path]] = defaultdict(dict)
         for p, s in zip(files, stems):
@@ -276,6 +320,29 @@ def input_cases_and_problems(
             problems.append((s, str(exc).removeprefix(f"case {s}: ")))
         else:
             cases.append(case)
+    return cases, problems
+
+
+def _dicom_cases(
+    folders: list[Path], num_channels: int, series_uid: str | None
+) -> tuple[list[Case], list[tuple[str, str]]]:
+    """One case per DICOM series folder (named after it), its series chosen and slice headers checked."""
+    from medseg3d.io.dicom import check_series
+
+    cases: list[Case] = []
+    problems: list[tuple[str, str]] = []
+    for folder in folders:
+        try:
+            series = check_series(folder, series_uid)
+        except InputError as exc:
+            problems.append((folder.name, str(exc)))
+            continue
+        if num_channels != 1:
+            why = (f"the DICOM series in {folder} is one channel, the model expects {num_channels}; give the "
+                   "channels as CASE_0000, CASE_0001, ... files")
+            problems.append((folder.name, why))
+            continue
+        cases.append(Case(folder.name, (folder,), series_uid=series.series_uid))
     return cases, problems
 
 

@@ -1,9 +1,13 @@
-"""The volume type and NIfTI reading/writing with the source geometry carried exactly.
+"""The volume type and reading/writing with the source geometry carried exactly.
 
 Arrays are kept in the voxel index order of the file as nibabel reads it: images `(C, X, Y, Z)`
 (or `(C, X, Y)` for 2D files), labels `(1, X, Y, Z)`. The affine maps voxel indices to world
 millimetres (nibabel's RAS+ convention). The source header is kept so a written volume carries the
 same sform/qform (codes included), which is what 3D Slicer and ITK-SNAP read.
+
+NIfTI is read here with nibabel; NRRD/MHA files (`medseg3d.io.itk_files`) and DICOM series folders
+(`medseg3d.io.dicom`) through SimpleITK, converted to the same `(C, X, Y, Z)` order and RAS+ affine
+(`medseg3d.io.convert`); their volumes have no NIfTI header (`header=None`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from nibabel.filebasedimages import ImageFileError
 
 from medseg3d.errors import InputError
 from medseg3d.io.atomic import atomic_path
+from medseg3d.io.formats import file_format
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -111,9 +116,42 @@ def _load(path: Path) -> nib.Nifti1Image:
     return img
 
 
-def read_header(path: str | Path) -> HeaderInfo:
-    """Shape, spacing, affine and on-disk dtype of a NIfTI file, without reading voxels."""
+def _source_kind(path: Path) -> str:
+    """`dicom` for a folder (a DICOM series), `itk` for NRRD/MHA files, else `nifti` (nibabel's errors)."""
+    if path.is_dir():
+        return "dicom"
+    return "itk" if file_format(path) in ("nrrd", "mha") else "nifti"
+
+
+def _read_other(path: Path, dtype: type | None, series_uid: str | None) -> Volume:
+    """A DICOM series folder or NRRD/MHA file as a `Volume` of `dtype` (None: the file's own)."""
+    if _source_kind(path) == "dicom":
+        from medseg3d.io.dicom import read_dicom_volume
+
+        vol = read_dicom_volume(path, series_uid, dtype=dtype or np.float64)
+    else:
+        from medseg3d.io.itk_files import read_itk_volume
+
+        vol = read_itk_volume(path, dtype=dtype)
+    return vol
+
+
+def read_header(path: str | Path, *, series_uid: str | None = None) -> HeaderInfo:
+    """Shape, spacing, affine and on-disk dtype of an image file (or DICOM series folder), without reading voxels.
+
+    NIfTI shapes are the file's (`(X, Y, Z, C)` for 4D); NRRD/MHA give vector pixels as that last axis.
+    `series_uid` chooses the series of a DICOM folder holding several.
+    """
     path = Path(path)
+    kind = _source_kind(path)
+    if kind == "dicom":
+        from medseg3d.io.dicom import read_dicom_header
+
+        return read_dicom_header(path, series_uid)
+    if kind == "itk":
+        from medseg3d.io.itk_files import read_itk_header
+
+        return read_itk_header(path)
     img = _load(path)
     shape = tuple(int(s) for s in img.shape)
     ndim = 3 if len(shape) >= 3 else len(shape)
@@ -130,55 +168,77 @@ def _voxels(img: nib.Nifti1Image, path: Path, dtype: type) -> np.ndarray:
         ) from exc
 
 
-def read_volume(paths: str | Path | Sequence[str | Path], dtype: type = np.float32) -> Volume:
+def read_volume(
+    paths: str | Path | Sequence[str | Path], dtype: type = np.float32, *, series_uid: str | None = None
+) -> Volume:
     """Read an image as `(C, X, Y, Z)` float32.
 
-    `paths` is one file (3D, or 4D with channels on the last axis as in the MSD layout) or one
-    3D file per channel (nnU-Net's `CASE_0000`, `CASE_0001`, ...). Channel files must share shape
-    and geometry; the first file's header is kept.
+    `paths` is one file (3D, or 4D with channels on the last axis as in the MSD layout; NRRD/MHA
+    vector pixels are channels too) or one 3D file per channel (nnU-Net's `CASE_0000`, `CASE_0001`,
+    ...), or a DICOM series folder (`series_uid` chooses among several series). Channel files must
+    share shape and geometry; the first file's header is kept (None unless it is NIfTI).
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     paths = [Path(p) for p in paths]
     if not paths:
         raise InputError("no image file given")
-    channels: list[np.ndarray] = []
-    first: nib.Nifti1Image | None = None
+    volumes: list[Volume] = []
     for path in paths:
+        vol = _read_one(path, dtype, series_uid)
+        if vol.num_channels > 1 and len(paths) > 1:
+            raise InputError(f"{path} is 4D but channels were given as separate files; give one file per channel")
+        if volumes and (vol.spatial_shape[:3] != volumes[0].spatial_shape[:3]
+                        or not np.allclose(vol.affine, volumes[0].affine, atol=1e-3)):
+            raise InputError(f"{path} does not have the shape/geometry of {paths[0]}; every channel must match")
+        volumes.append(vol)
+    first = volumes[0]
+    array = first.array if len(volumes) == 1 else np.concatenate([v.array for v in volumes])
+    return Volume(np.ascontiguousarray(array, dtype=dtype), first.affine, first.header)
+
+
+def _read_one(path: Path, dtype: type, series_uid: str | None) -> Volume:
+    """One file (or DICOM folder) as a `Volume` `(C, X, Y[, Z])` of `dtype`."""
+    if _source_kind(path) != "nifti":
+        vol = _read_other(path, dtype, series_uid)
+    else:
         img = _load(path)
         data = _voxels(img, path, dtype)
         if data.ndim == 4:
-            if len(paths) > 1:
-                raise InputError(f"{path} is 4D but channels were given as separate files; give one file per channel")
-            channels.extend(np.moveaxis(data, -1, 0))
+            data = np.moveaxis(data, -1, 0)
         elif data.ndim in (2, 3):
-            channels.append(data)
+            data = data[None]
         else:
             raise InputError(f"{path} has {data.ndim} dimensions; expected a 2D, 3D or 4D (channels last) image")
-        if first is None:
-            first = img
-        elif img.shape[:3] != first.shape[:3] or not np.allclose(img.affine, first.affine, atol=1e-3):
-            raise InputError(f"{path} does not have the shape/geometry of {paths[0]}; every channel must match")
-    assert first is not None  # paths is non-empty
-    return Volume(np.stack(channels).astype(dtype, copy=False), np.asarray(first.affine, dtype=np.float64), first.header.copy())
+        vol = Volume(data, np.asarray(img.affine, dtype=np.float64), img.header.copy())
+    if vol.array.ndim not in (3, 4):
+        raise InputError(f"{path} has {vol.array.ndim - 1} dimensions; expected a 2D, 3D or 4D (channels last) image")
+    return vol
 
 
-def read_label(path: str | Path) -> Volume:
+def read_label(path: str | Path, *, series_uid: str | None = None) -> Volume:
     """Read a label map as `(1, X, Y, Z)` int16; non-integer values raise `InputError`."""
     path = Path(path)
-    img = _load(path)
-    raw = _voxels(img, path, np.float64) if np.issubdtype(img.get_data_dtype(), np.floating) else None
-    if raw is not None:
-        if not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
-            raise InputError(f"{path} holds non-integer label values; labels must be integers 0..K-1")
-        data = raw.astype(np.int16)
+    if _source_kind(path) != "nifti":
+        vol = _read_other(path, None, series_uid)
+        if vol.num_channels != 1:
+            raise InputError(f"{path} is a label with {vol.num_channels} components per voxel; store labels as one "
+                             "integer map")
+        raw = vol.array[0]
+        affine, header = vol.affine, None
     else:
-        data = _voxels(img, path, np.int16)
+        img = _load(path)
+        floating = np.issubdtype(img.get_data_dtype(), np.floating)
+        raw = _voxels(img, path, np.float64 if floating else np.int16)
+        affine, header = np.asarray(img.affine, dtype=np.float64), img.header.copy()
+    if np.issubdtype(raw.dtype, np.floating) and (not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw))):
+        raise InputError(f"{path} holds non-integer label values; labels must be integers 0..K-1")
+    data = raw.astype(np.int16, copy=False)
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim not in (2, 3):
         raise InputError(f"{path} is a label with {data.ndim} dimensions; expected 2D or 3D")
-    return Volume(data[None], np.asarray(img.affine, dtype=np.float64), img.header.copy())
+    return Volume(data[None], affine, header)
 
 
 def write_volume(vol: Volume, path: str | Path, *, overwrite: bool = False, dtype: type | None = None) -> None:
