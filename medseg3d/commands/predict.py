@@ -1,4 +1,4 @@
-"""`medseg3d predict`: fold networks over a folder (or file) of images into NIfTI label maps."""
+"""`medseg3d predict`: fold networks over a folder (or file) of images into label maps (NIfTI, NRRD, MHA, DICOM SEG)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,11 @@ def register(app: typer.Typer) -> None:
     def predict(
         model: Path = typer.Option(..., "-m", "--model", help="WORK_DIR holding plans.json and results/, or a model "
                                                                   "package (FILE.zip from `medseg3d export`)."),
-        input: Path = typer.Option(..., "-i", "--input", help="Folder of images (MSD or nnU-Net naming) or one file."),
-        output: Path = typer.Option(..., "-o", "--output", help="Folder for CASE.nii.gz label maps."),
+        input: Path = typer.Option(..., "-i", "--input", help="Folder of images (MSD or nnU-Net naming; NIfTI, NRRD, "
+                                                              "MHA/MHD; DICOM series as sub-folders), one file, or "
+                                                              "one DICOM series folder."),
+        output: Path = typer.Option(..., "-o", "--output", help="Folder for the label maps CASE.nii.gz (or .nrrd, "
+                                                                ".mha, .dcm: --output-format)."),
         config: str = typer.Option("3d_fullres", "--config", "-c", help="Plan configuration."),
         arch: str | None = typer.Option(None, "--arch", help="Architecture (default: the plan's)."),
         folds: str | None = typer.Option(None, "--folds", "-f",
@@ -52,6 +55,12 @@ def register(app: typer.Typer) -> None:
         num_parts: int = typer.Option(1, "--num-parts", help="Split the cases into this many parts ..."),
         part_id: int = typer.Option(0, "--part-id", help="... and predict this one (0-based)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (default: skip them)."),
+        output_format: str = typer.Option("auto", "--output-format",
+                                          help="auto (the input's: NIfTI, NRRD, MHA; a DICOM series -> DICOM SEG), "
+                                               "nifti, nrrd, mha or dicom-seg."),
+        series_uid: str | None = typer.Option(None, "--series-uid",
+                                              help="SeriesInstanceUID to read from DICOM folders holding several "
+                                                   "series (default: refuse them)."),
         best: bool = typer.Option(False, "--best", help="Predict with WORK_DIR/selection.json (`medseg3d find-best`): "
                                                    "its model or ensemble, folds, step, TTA and postprocessing."),
     ) -> None:
@@ -64,6 +73,9 @@ def register(app: typer.Typer) -> None:
             if folds is not None or arch is not None or save_probabilities or no_tta:
                 raise InputError("--best predicts with the selection's folds, architecture and TTA; drop "
                                  "--folds/--arch/--no-tta/--save-probabilities (or predict without --best)")
+            if output_format not in ("auto", "nifti") or series_uid is not None:
+                raise InputError("--best writes NIfTI label maps; drop --output-format/--series-uid (or predict "
+                                 "without --best)")
             done = predict_best(model, input, output, device=device, precision=precision, batch_size=batch_size,
                                 num_parts=num_parts, part_id=part_id, overwrite=overwrite)
             typer.echo(f"predicted {len(done.predicted)}, skipped {len(done.skipped)} (existing outputs) -> {output}")
@@ -75,5 +87,6 @@ def register(app: typer.Typer) -> None:
             model, input, output, config=config, arch=arch, folds=_parse_folds(folds), checkpoint=checkpoint,
             step=step, use_mirroring=not no_tta, device=device, save_probabilities=save_probabilities,
             num_parts=num_parts, part_id=part_id, overwrite=overwrite, precision=precision, batch_size=batch_size,
+            output_format=output_format, series_uid=series_uid,
         )
         typer.echo(f"predicted {len(summary.predicted)}, skipped {len(summary.skipped)} (existing outputs) -> {output}")

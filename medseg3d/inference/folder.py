@@ -2,7 +2,8 @@
 
 Model folder: `WORK_DIR/results/<CONFIG>/<ARCH>/fold_<K>/checkpoint_<final|best|latest>.pt`, each
 checkpoint carrying the hash of `WORK_DIR/plans.json`. Outputs `OUTPUT_DIR/CASE.nii.gz` (uint8, the
-input's exact header), optionally `CASE.npz` probabilities.
+input's exact header; or the input's NRRD/MHA format, or a DICOM SEG for a DICOM series: `--output-format`),
+optionally `CASE.npz` probabilities.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from medseg3d.errors import (
 )
 from medseg3d.inference.checkpoint import build_model_from_checkpoint, load_checkpoint
 from medseg3d.inference.predictor import predict_case
-from medseg3d.inference.writer import output_path, write_probabilities, write_segmentation
+from medseg3d.inference.writer import output_endings, output_path, write_probabilities, write_segmentation
 from medseg3d.io.volume import Volume
 from medseg3d.logging_utils import console
 from medseg3d.paths import fold_dir_of, model_dir_of
@@ -147,6 +148,8 @@ def predict_folder(
     overwrite: bool = False,
     precision: str = "auto",
     batch_size: int | None = None,
+    output_format: str = "auto",
+    series_uid: str | None = None,
     models: list[nn.Module] | None = None,
 ) -> PredictSummary:
     """Predict every case of `input_path` (folder in MSD/nnU-Net naming, or one file) into `output_dir`.
@@ -157,6 +160,8 @@ def predict_folder(
     An output that cannot be written (no permission, full disk: `OutputError`) stops the folder at
     once, as it is not the case's fault. `batch_size`: network inputs per forward pass (default:
     `predictor.default_batch_size`). `models` skips checkpoint loading (tests, benchmarks).
+    `output_format`: `auto` (the input's format; DICOM series -> DICOM SEG), `nifti`, `nrrd`, `mha` or
+    `dicom-seg` (`writer.output_endings`); `series_uid` chooses the series of DICOM folders holding several.
     """
     from medseg3d.io import read_volume
     from medseg3d.io.dataset import input_cases_and_problems
@@ -177,7 +182,7 @@ def predict_folder(
                                   plans.file_hash)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be >= 1 (network inputs per forward pass), got {batch_size}")
-    found, problems = input_cases_and_problems(input_path, plans.num_channels)
+    found, problems = input_cases_and_problems(input_path, plans.num_channels, series_uid=series_uid)
     entries = sorted([(c.name, c, "") for c in found] + [(name, None, why) for name, why in problems],
                      key=lambda e: e[0])
     summary = PredictSummary()
@@ -189,9 +194,9 @@ def predict_folder(
         else:
             cases.append(case)
     todo = []
+    endings = output_endings(cases, output_format)  # an impossible --output-format is refused before any work
     for case in cases:
-        ending = ".nii" if case.images[0].name.endswith(".nii") else ".nii.gz"
-        out = output_path(output_dir, case.name, ending)
+        out = output_path(output_dir, case.name, endings[case.name])
         if out.exists() and not overwrite:
             summary.skipped.append(case.name)
         else:
@@ -216,7 +221,7 @@ def predict_folder(
             bar.update(t_win, completed=0, total=None, description=f"windows {case.name}")
             t0 = time.perf_counter()
             try:
-                image = read_volume(case.images)
+                image = read_volume(case.images, series_uid=case.series_uid)
                 geometry = Volume(np.zeros((1, 1, 1, 1), np.uint8), image.affine, image.header)
                 box = [image]
                 del image  # predict_case then holds the only reference and frees the voxels after preprocessing
@@ -225,7 +230,7 @@ def predict_folder(
                     postprocessing=postprocessing, return_probabilities=save_probabilities,
                     precision=precision, batch_size=batch_size, progress=lambda n: bar.advance(t_win, n),
                     case=case.name, arch=arch)
-                write_segmentation(seg, geometry, out, overwrite=overwrite)
+                write_segmentation(seg, geometry, out, overwrite=overwrite, source=case, labels=plans.labels)
                 if probs is not None:
                     write_probabilities(probs, output_dir / f"{case.name}.npz", overwrite=True)
                 summary.predicted.append(case.name)
