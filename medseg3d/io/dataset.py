@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg3d.errors import DatasetError, InputError, Problem
-from medseg3d.io.formats import FILE_SUFFIXES, IMAGE_SUFFIXES, is_image_file, strip_image_suffix
+from medseg3d.io.formats import FILE_SUFFIXES, LISTED_SUFFIXES, is_image_file, strip_image_suffix
 from medseg3d.io.volume import read_header
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -255,7 +255,7 @@ def input_cases_and_problems(
     path = Path(path)
     if path.is_file():
         if not is_image_file(path):
-            raise InputError(f"{path} is not an image file medseg3d reads ({', '.join(IMAGE_SUFFIXES)}); give a "
+            raise InputError(f"{path} is not an image file medseg3d reads ({LISTED_SUFFIXES}); give a "
                              "DICOM series as the folder holding its files")
         stem = strip_image_suffix(path.name)
         match = _CHANNEL_RE.match(stem)
@@ -280,7 +280,7 @@ def input_cases_and_problems(
             if dicom_problems:
                 raise InputError(dicom_problems[0][1])
             return dicom_cases, []
-        raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) or DICOM series folders in {path}")
+        raise InputError(f"no image files ({LISTED_SUFFIXES}) or DICOM series folders in {path}")
     cases, problems = _file_cases(files, num_channels)
     dicom_cases, dicom_problems = _dicom_cases(series_dirs, num_channels, series_uid)
     taken = {c.name for c in cases} | {name for name, _ in problems}

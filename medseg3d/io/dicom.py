@@ -62,7 +62,12 @@ def series_ids(folder: str | Path) -> tuple[str, ...]:
     folder = Path(folder)
     if not folder.is_dir():
         return ()
-    return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns on stderr for every folder without a series
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def choose_series(folder: str | Path, series_uid: str | None = None) -> str:

@@ -20,6 +20,8 @@ FILE_SUFFIXES: dict[str, tuple[str, ...]] = {
 }
 #: Every image file suffix medseg3d reads, longest first.
 IMAGE_SUFFIXES: tuple[str, ...] = tuple(sorted((s for v in FILE_SUFFIXES.values() for s in v), key=len, reverse=True))
+#: The suffixes as listed in messages, format by format.
+LISTED_SUFFIXES = ", ".join(s for v in FILE_SUFFIXES.values() for s in v)
 #: `predict --output-format` values; `auto` is the input's own format (a DICOM series gives `dicom-seg`).
 OUTPUT_FORMATS = ("auto", "nifti", "nrrd", "mha", "dicom-seg")
 #: The file ending each output format writes.
