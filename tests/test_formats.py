@@ -164,6 +164,16 @@ def test_output_format_choices_are_checked_before_any_work(tmp_path):
         output_endings([nii, dcm], "dicom-seg")
 
 
+def test_without_highdicom_a_dicom_series_gets_nifti_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("medseg3d.io.dicom_seg.highdicom_available", lambda: False)
+    dcm = Case("b", (tmp_path,), series_uid="1.2")
+    with caplog.at_level("WARNING", logger="medseg3d.inference.writer"):
+        assert output_endings([dcm]) == {"b": ".nii.gz"}
+    assert "highdicom is not installed" in caplog.text
+    with pytest.raises(InputError, match="dicom-seg needs highdicom"):
+        output_endings([dcm], "dicom-seg")
+
+
 # -- bad DICOM folders ---------------------------------------------------------------------------------
 
 def test_a_folder_with_several_series_is_refused_naming_them_and_series_uid_chooses(tmp_path):
