@@ -59,6 +59,11 @@ class PackageError(MedsegError):
     unknown format version."""
 
 
+class BackendError(MedsegError):
+    """A network backend (`--backend onnxruntime|openvino`, `export --format`) cannot be used: not
+    installed, no exported network in the package, or an architecture that does not export."""
+
+
 class InputError(MedsegError):
     """An input given on the command line (file, folder, option value) cannot be used."""
 

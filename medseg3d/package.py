@@ -10,6 +10,8 @@ Layout (docs/inference.md, "Model packages"):
     postprocessing.json            only when the model folder has one
     fold_<K>/weights.safetensors   the fold's state_dict (safetensors: tensors only, no code)
     fold_<K>/checkpoint.json       the checkpoint's plain metadata (network_kwargs, plan_hash, plan_identity, ...)
+    fold_<K>/network.onnx          only with `--format onnx`: the network as ONNX (dynamic batch, the plan's patch)
+    fold_<K>/network.xml, .bin     only with `--format openvino`: the same network as OpenVINO IR (float32)
 
 Reading checks, in this order: a readable zip, a manifest of this format, a known format version,
 exactly the listed members, each member's sha256, then (per fold) the checkpoint checks of
@@ -72,6 +74,11 @@ def metadata_member(fold: int | str) -> str:
     return f"fold_{fold}/checkpoint.json"
 
 
+#: `export --format` values and the per-fold members (`fold_<K>/NAME`) each adds; `inference.backends` runs them.
+NETWORK_FORMATS = {"onnx": ("network.onnx",), "openvino": ("network.xml", "network.bin")}
+
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
 
@@ -113,9 +120,13 @@ def write_package(
     folds: list[int | str] | None = None,
     checkpoint: str = "final",
     overwrite: bool = False,
+    formats: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write the model `WORK_DIR/results/<config>/<arch>` (the chosen folds' `checkpoint_<checkpoint>.pt`)
     as one zip at `output`, atomically (temp file + rename). Returns the manifest.
+
+    `formats`: exported networks to add per fold (`NETWORK_FORMATS`: `onnx`, `openvino`), for
+    `predict --backend onnxruntime|openvino`; the safetensors weights are always there.
 
     Every checkpoint is checked against plans.json first (`load_checkpoint`), as `predict` would.
     `OutputExistsError` when `output` exists and not `overwrite`.
@@ -130,6 +141,14 @@ def write_package(
         raise InputError(f"-o {output}: a model package is a .zip file; name it e.g. {output.with_suffix('.zip').name}")
     if output.exists() and not overwrite:  # before any work (atomic_path checks again when renaming)
         raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
+    formats = list(dict.fromkeys(formats or []))
+    unknown = [f for f in formats if f not in NETWORK_FORMATS]
+    if unknown:
+        raise InputError(f"--format {', '.join(unknown)} is not one of {', '.join(NETWORK_FORMATS)}")
+    if "openvino" in formats:
+        from medseg3d.inference.onnx_export import import_openvino
+
+        import_openvino()  # not installed: refused before any work
     plans = Plans.load(work_dir)
     arch = arch or plans.configuration(config).architecture
     folds = select_folds(work_dir, config, arch, folds, checkpoint)
@@ -144,6 +163,14 @@ def write_package(
         ckpt = load_fold_checkpoint(work_dir, config, arch, fold, checkpoint, identity, plans.file_hash)
         members[metadata_member(fold)] = _json_bytes(_checkpoint_metadata(ckpt, fold, checkpoint))
         members[weights_member(fold)] = _safetensors_bytes(ckpt["model"])
+        if formats:
+            from medseg3d.inference.checkpoint import build_model_from_checkpoint
+            from medseg3d.inference.onnx_export import network_members
+
+            patch = plans.configuration(config).for_architecture(arch).patch_size
+            exported = network_members(build_model_from_checkpoint(ckpt), formats, plans.num_channels, patch,
+                                       name=f"fold {fold}")
+            members.update({f"fold_{fold}/{name}": data for name, data in exported.items()})
         del ckpt
     manifest = {
         "format": PACKAGE_FORMAT,
@@ -159,12 +186,13 @@ def write_package(
         "channel_names": plans.channel_names,
         "plan_hash": plans.network_hash(config, arch),
         "postprocessing": postprocessing is not None,
+        "network_formats": formats,
         "members": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in members.items()},
     }
     with atomic_path(output, overwrite=overwrite) as tmp, zipfile.ZipFile(tmp, "w") as zf:
         zf.writestr(MANIFEST, _json_bytes(manifest), compress_type=zipfile.ZIP_DEFLATED)
         for name, data in members.items():  # weights barely compress: stored, so reading them is a copy
-            kind = zipfile.ZIP_STORED if name.endswith(".safetensors") else zipfile.ZIP_DEFLATED
+            kind = zipfile.ZIP_STORED if name.endswith((".safetensors", ".onnx", ".bin")) else zipfile.ZIP_DEFLATED
             zf.writestr(name, data, compress_type=kind)
     log.info("exported %s/%s folds %s (checkpoint_%s) to %s", config, arch, folds, checkpoint, output)
     return manifest
@@ -287,6 +315,19 @@ class ModelPackage:
         return check_checkpoint(ckpt, f"{self.path}:{name}", legacy_hash=self.plans.file_hash, fix=fix,
                                 expected_plan=self.plans.network_identity(self.configuration, self.architecture))
 
+    def network_members(self, fold: int | str) -> dict[str, bytes]:
+        """Fold `fold`'s exported networks (`network.onnx`, `network.xml`, `network.bin`: those present),
+        each checked against the manifest's sha256."""
+        out = {}
+        with _open_zip(self.path) as zf:
+            for name in (n for names in NETWORK_FORMATS.values() for n in names):
+                member = f"fold_{fold}/{name}"
+                if member in self.manifest["members"]:
+                    data = _read(zf, self.path, member)
+                    _check_hash(self.manifest, self.path, member, data)
+                    out[name] = data
+        return out
+
     def load_models(self, folds: list[int | str] | None = None) -> list[Any]:
         """One eval-mode network (`nn.Module`, CPU) per fold of `select_folds(folds)`."""
         from medseg3d.inference.checkpoint import build_model_from_checkpoint
@@ -358,7 +399,7 @@ def open_package(path: str | Path) -> ModelPackage:
                                    f"{manifest['members'][name]['bytes']}: it was altered after export; {_REEXPORT}")
             data = _read(zf, path, name)
             _check_hash(manifest, path, name, data)
-            if not name.endswith(".safetensors"):
+            if not name.endswith((".safetensors", ".onnx", ".bin")):
                 contents[name] = data
             del data
     needed = [PLANS, *(metadata_member(f) for f in manifest["folds"]), *(weights_member(f) for f in manifest["folds"])]
@@ -418,10 +459,33 @@ def predict_package(
     """
     from medseg3d.inference.folder import predict_folder
 
+    from medseg3d.inference.backends import to_backend
+
     pkg = open_package(package)
     pkg.check_selection(config, arch, checkpoint)
-    models = pkg.load_models(folds)
+    backend = _package_backend(pkg, folds, kwargs)
+    models = to_backend(pkg.load_models(folds), backend, in_channels=pkg.plans.num_channels,
+                        patch_size=pkg.plans.configuration(pkg.configuration).for_architecture(pkg.architecture).patch_size,
+                        folds=pkg.select_folds(folds), exported=pkg.network_members, source=str(pkg.path))
     with tempfile.TemporaryDirectory(prefix="medseg3d_package_") as tmp:
         work_dir = pkg.write_work_dir(Path(tmp))
         return predict_folder(work_dir, input_path, output_dir, config=pkg.configuration, arch=pkg.architecture,
-                              models=models, **kwargs)
+                              models=models, **{**kwargs, "backend": backend})
+
+
+def _package_backend(pkg: ModelPackage, folds: list[int | str] | None, kwargs: dict[str, Any]) -> str:
+    """The backend `predict_package` runs (`kwargs`: predict_folder's backend, device, precision):
+    `auto` keeps torch when a fold lacks the exported network the backend it would pick runs."""
+    from medseg3d.device import resolve_device
+    from medseg3d.inference.backends import resolve_backend
+    from medseg3d.inference.predictor import resolve_amp
+
+    requested = kwargs.get("backend", "auto")
+    dev = resolve_device(kwargs.get("device", "auto"))
+    backend = resolve_backend(requested, dev, resolve_amp(kwargs.get("precision", "auto"), dev))
+    if requested == "auto" and backend != "torch":
+        runs = ("network.onnx",) if backend == "onnxruntime" else ("network.onnx", "network.xml")
+        if not all(any(f"fold_{f}/{n}" in pkg.manifest["members"] for n in runs) for f in pkg.select_folds(folds)):
+            log.info("model package %s holds no exported network; --backend auto runs torch", pkg.path)
+            return "torch"
+    return backend

@@ -47,6 +47,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
         precision: str = typer.Option("auto", "--precision",
                                       help="auto (bf16 on CPUs with native bf16, fp16 on CUDA), fp32, bf16, fp16."),
+        backend: str = typer.Option("auto", "--backend",
+                                    help="What runs the networks: auto, torch, onnxruntime or openvino (CPU, float32; "
+                                         "`pip install \"medseg3d[onnx]\"` / `[openvino]`)."),
         batch_size: int | None = typer.Option(None, "--batch-size",
                                               help="Network inputs (windows x mirrorings) per forward pass; lower it "
                                                    "when the GPU runs out of memory (default: from the patch size)."),
@@ -76,6 +79,8 @@ def register(app: typer.Typer) -> None:
             if output_format not in ("auto", "nifti") or series_uid is not None:
                 raise InputError("--best writes NIfTI label maps; drop --output-format/--series-uid (or predict "
                                  "without --best)")
+            if backend not in ("auto", "torch"):
+                raise InputError("--best predicts with torch; drop --backend (or predict without --best)")
             done = predict_best(model, input, output, device=device, precision=precision, batch_size=batch_size,
                                 num_parts=num_parts, part_id=part_id, overwrite=overwrite)
             typer.echo(f"predicted {len(done.predicted)}, skipped {len(done.skipped)} (existing outputs) -> {output}")
@@ -87,6 +92,6 @@ def register(app: typer.Typer) -> None:
             model, input, output, config=config, arch=arch, folds=_parse_folds(folds), checkpoint=checkpoint,
             step=step, use_mirroring=not no_tta, device=device, save_probabilities=save_probabilities,
             num_parts=num_parts, part_id=part_id, overwrite=overwrite, precision=precision, batch_size=batch_size,
-            output_format=output_format, series_uid=series_uid,
+            output_format=output_format, series_uid=series_uid, backend=backend,
         )
         typer.echo(f"predicted {len(summary.predicted)}, skipped {len(summary.skipped)} (existing outputs) -> {output}")

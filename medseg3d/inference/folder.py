@@ -151,6 +151,7 @@ def predict_folder(
     output_format: str = "auto",
     series_uid: str | None = None,
     models: list[nn.Module] | None = None,
+    backend: str = "auto",
 ) -> PredictSummary:
     """Predict every case of `input_path` (folder in MSD/nnU-Net naming, or one file) into `output_dir`.
 
@@ -162,6 +163,7 @@ def predict_folder(
     `predictor.default_batch_size`). `models` skips checkpoint loading (tests, benchmarks).
     `output_format`: `auto` (the input's format; DICOM series -> DICOM SEG), `nifti`, `nrrd`, `mha` or
     `dicom-seg` (`writer.output_endings`); `series_uid` chooses the series of DICOM folders holding several.
+    `backend`: what runs the fold networks (`inference.backends`: auto, torch, onnxruntime, openvino).
     """
     from medseg3d.io import read_volume
     from medseg3d.io.dataset import input_cases_and_problems
@@ -174,6 +176,10 @@ def predict_folder(
     cfg = plans.configuration(config)
     arch = arch or cfg.architecture
     dev = resolve_device(device)
+    from medseg3d.inference.backends import resolve_backend, to_backend
+    from medseg3d.inference.predictor import resolve_amp
+
+    runs_on = resolve_backend(backend, dev, resolve_amp(precision, dev))  # an unusable backend fails before any work
     if models is None and folds is not None:  # a mistyped fold is reported before any work
         have = available_folds(model_dir_of(work_dir, config, arch), checkpoint)
         if any(f not in have for f in folds):
@@ -211,6 +217,8 @@ def predict_folder(
         models = load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config, arch),
                                   plans.file_hash)
     models = [m.to(dev).eval() for m in models]
+    models = to_backend(models, runs_on, in_channels=plans.num_channels, source=str(work_dir),
+                        patch_size=cfg.for_architecture(arch).patch_size, required=backend != "auto")
     postprocessing = _load_postprocessing(model_dir_of(work_dir, config, arch))
     output_dir.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

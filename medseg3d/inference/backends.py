@@ -1,0 +1,207 @@
+"""Network backends for inference: the fold networks as torch modules, onnxruntime or OpenVINO sessions.
+
+A backend network is a drop-in for the call the sliding window makes (`sliding_window._run_batch`:
+`logits = model(x)`): a `(B, C, *patch)` float32 batch in, `(B, K, *patch)` float32 logits out, as
+torch tensors on the host. Windows, Gaussian weighting, mirror TTA (the flips around that call),
+fold averaging and the export to the original grid therefore stay one code path whatever runs the
+network. The onnxruntime and OpenVINO networks are `nn.Module`s without parameters, so code that
+moves models (`.to(device).eval()`) leaves them as they are; they run on the CPU in float32 with
+`torch.get_num_threads()` threads (onnxruntime `intra_op_num_threads`, OpenVINO
+`INFERENCE_NUM_THREADS`).
+
+Where the ONNX comes from (`to_backend`): the package member `fold_<K>/network.onnx` (or
+`network.xml`/`.bin` for OpenVINO; `medseg3d export --format onnx|openvino`), or, for a WORK_DIR
+checkpoint, an export made in memory when the command starts (`onnx_export.export_onnx`, about a
+second per fold; nothing is cached on disk).
+
+`--backend auto` (the default) picks `CPU_AUTO_ORDER`'s first installed backend on the CPU when the
+precision is float32, else torch (CUDA, or bf16/fp16 autocast, which only torch runs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from medseg3d.errors import BackendError, InputError
+from medseg3d.inference.onnx_export import export_onnx, import_onnxruntime, import_openvino
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BACKENDS",
+    "CPU_AUTO_ORDER",
+    "OnnxRuntimeNetwork",
+    "OpenVinoNetwork",
+    "installed_backends",
+    "resolve_backend",
+    "to_backend",
+]
+
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+#: Backends `auto` tries, in order, for float32 prediction on the CPU; empty = torch. Only a backend
+#: measured faster than torch and agreeing with it (probabilities to 1e-3, identical labels) on the
+#: held-out hippocampus cases goes here (docs/benchmarks.md, "Network backends").
+CPU_AUTO_ORDER: tuple[str, ...] = ()
+
+
+class OnnxRuntimeNetwork(nn.Module):
+    """An ONNX network run by onnxruntime's CPU execution provider: `(B, C, *patch)` -> `(B, K, *patch)` logits."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, onnx_bytes: bytes, *, threads: int, name: str = "network") -> None:
+        super().__init__()
+        ort = import_onnxruntime()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, int(threads))
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # warnings about unused initialisers are not the user's concern
+        try:
+            self.session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own exception types (InvalidGraph, Fail, ...)
+            raise BackendError(f"onnxruntime cannot load the ONNX network of {name} ({str(exc)[:300]}); "
+                               "re-export it with this medseg3d (`medseg3d export ... --format onnx`)") from exc
+        self.input_name = self.session.get_inputs()[0].name
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0])
+
+
+class OpenVinoNetwork(nn.Module):
+    """An ONNX or OpenVINO IR network compiled for OpenVINO's CPU plugin in float32 (no bf16 hint),
+    latency mode: `(B, C, *patch)` -> `(B, K, *patch)` logits; the batch axis stays dynamic."""
+
+    backend = "openvino"
+
+    def __init__(self, model: bytes, weights: bytes | None = None, *, threads: int, name: str = "network") -> None:
+        super().__init__()
+        import numpy as np
+
+        ov = import_openvino()
+        core = ov.Core()
+        blob = np.frombuffer(weights, dtype=np.uint8) if weights is not None else np.empty(0, np.uint8)
+        try:
+            read = core.read_model(model, ov.Tensor(blob))
+            self.compiled = core.compile_model(read, "CPU", {
+                "INFERENCE_NUM_THREADS": max(1, int(threads)), "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1})
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+            raise BackendError(f"OpenVINO cannot load the network of {name} ({str(exc)[:300]}); re-export it with "
+                               "this medseg3d (`medseg3d export ... --format openvino`)") from exc
+        self.request = self.compiled.create_infer_request()
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = self.request.infer({0: arr}, share_inputs=True)
+        return torch.from_numpy(out[self.compiled.outputs[0]].copy())
+
+
+def installed_backends() -> list[str]:
+    """`torch` plus each optional backend whose package imports."""
+    have = ["torch"]
+    for backend, module in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        have.append(backend)
+    return have
+
+
+def resolve_backend(backend: str, device: torch.device, amp_dtype: torch.dtype | None) -> str:
+    """`backend` (auto|torch|onnxruntime|openvino) as the one that will run; `amp_dtype` is the
+    resolved autocast dtype (`predictor.resolve_amp`), None for float32.
+
+    InputError for an unknown name, or onnxruntime/openvino asked for on a non-CPU device;
+    BackendError when the requested package is not installed.
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"unknown --backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if device.type != "cpu" or amp_dtype is not None:
+            return "torch"
+        have = installed_backends()
+        return next((b for b in CPU_AUTO_ORDER if b in have), "torch")
+    if backend != "torch" and device.type != "cpu":
+        raise InputError(f"--backend {backend} runs on the CPU; pass --device cpu (or --backend torch on {device})")
+    if backend == "onnxruntime":
+        import_onnxruntime()
+    elif backend == "openvino":
+        import_openvino()
+    if backend != "torch" and amp_dtype is not None:
+        log.info("--backend %s runs the networks in float32 (the %s autocast of --precision applies to torch only)",
+                 backend, str(amp_dtype).replace("torch.", ""))
+    return backend
+
+
+#: Per fold: the packaged member bytes by file name (`network.onnx`, `network.xml`, `network.bin`), or None.
+MemberReader = Callable[[int | str], dict[str, bytes]]
+
+
+def to_backend(
+    models: Sequence[nn.Module],
+    backend: str,
+    *,
+    in_channels: int,
+    patch_size: Sequence[int],
+    folds: Sequence[int | str] | None = None,
+    exported: MemberReader | None = None,
+    source: str = "",
+    threads: int | None = None,
+    required: bool = True,
+) -> list[nn.Module]:
+    """`models` (eval-mode torch networks, one per fold) as networks of `backend` (torch: unchanged).
+
+    exported: for a model package, a function giving a fold's exported members (`network.onnx`,
+        `network.xml` + `network.bin`); BackendError naming the package (`source`) and the export
+        command when the backend's member is missing. Without it (a WORK_DIR) each network is
+        exported in memory from its torch weights.
+    folds: the fold of each model (names them in messages); threads: default `torch.get_num_threads()`.
+    required: False for `--backend auto`: a network that does not export (BackendError) keeps every
+    model on torch, logged, instead of failing. Models that already are backend networks are kept.
+    """
+    if backend == "torch":
+        return list(models)
+    threads = int(threads or torch.get_num_threads())
+    folds = list(folds) if folds is not None else list(range(len(models)))
+    if all(isinstance(m, (OnnxRuntimeNetwork, OpenVinoNetwork)) for m in models):
+        return list(models)  # converted already (a model package's exported networks)
+    out: list[nn.Module] = []
+    for fold, model in zip(folds, models, strict=True):
+        if isinstance(model, (OnnxRuntimeNetwork, OpenVinoNetwork)):
+            out.append(model)
+            continue
+        name = f"fold {fold}" + (f" of {source}" if source else "")
+        members = exported(fold) if exported is not None else None
+        if members is None:
+            try:
+                members = {"network.onnx": export_onnx(model, in_channels, patch_size, name=name)}
+            except BackendError as exc:
+                if required:
+                    raise
+                log.info("%s; --backend auto runs torch", exc)
+                return list(models)
+        if backend == "openvino" and "network.xml" in members and "network.bin" in members:
+            out.append(OpenVinoNetwork(members["network.xml"], members["network.bin"], threads=threads, name=name))
+            continue
+        if "network.onnx" not in members:
+            fmt = "onnx" if backend == "onnxruntime" else "openvino"
+            raise BackendError(
+                f"model package {source} holds no exported network for fold {fold} (fold_{fold}/network.onnx"
+                + (" or network.xml" if backend == "openvino" else "") + f"), which --backend {backend} runs; "
+                f"export the package with `medseg3d export WORK_DIR -o FILE.zip --format {fmt}`, or predict with "
+                "--backend torch")
+        cls = OnnxRuntimeNetwork if backend == "onnxruntime" else OpenVinoNetwork
+        out.append(cls(members["network.onnx"], threads=threads, name=name))
+    log.info("running %d fold network(s) with %s (%d threads)", len(out), backend, threads)
+    return out
+
