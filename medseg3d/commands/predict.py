@@ -64,6 +64,10 @@ def register(app: typer.Typer) -> None:
         series_uid: str | None = typer.Option(None, "--series-uid",
                                               help="SeriesInstanceUID to read from DICOM folders holding several "
                                                    "series (default: refuse them)."),
+        previous_stage: Path | None = typer.Option(None, "--previous-stage",
+                                                   help="Cascade (--config 3d_cascade_fullres): a folder of the "
+                                                        "3d_lowres predictions CASE.nii.gz to use instead of running "
+                                                        "3d_lowres first (the default)."),
         best: bool = typer.Option(False, "--best", help="Predict with WORK_DIR/selection.json (`medseg3d find-best`): "
                                                    "its model or ensemble, folds, step, TTA and postprocessing."),
     ) -> None:
@@ -88,10 +92,12 @@ def register(app: typer.Typer) -> None:
 
         from medseg3d.package import is_package, predict_package
 
+        extra = {} if previous_stage is None else {"previous_stage": previous_stage}
         summary = (predict_package if is_package(model) else predict_folder)(
             model, input, output, config=config, arch=arch, folds=_parse_folds(folds), checkpoint=checkpoint,
             step=step, use_mirroring=not no_tta, device=device, save_probabilities=save_probabilities,
             num_parts=num_parts, part_id=part_id, overwrite=overwrite, precision=precision, batch_size=batch_size,
             output_format=output_format, series_uid=series_uid, backend=backend,
+            **extra,
         )
         typer.echo(f"predicted {len(summary.predicted)}, skipped {len(summary.skipped)} (existing outputs) -> {output}")

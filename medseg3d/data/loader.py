@@ -40,6 +40,8 @@ class StreamSpec:
     oversample_fg: float = 0.33
     augment: AugmentParams | None = None
     seed: int = 0
+    previous_dir: Path | None = None  # cascade: the previous stage's segmentations (`medseg3d.cascade`)
+    num_classes: int = 0              # K; with `previous_dir` the batch gets K - 1 one-hot channels more
 
 
 def enlarged_patch(patch_size: Sequence[int], params: AugmentParams | None) -> tuple[int, ...]:
@@ -61,6 +63,7 @@ class BatchStream(IterableDataset):
         super().__init__()
         self.spec = spec
         self._cache: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]] = {}
+        self._previous: dict[str, np.ndarray] = {}
 
     def _case(self, name: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         if name not in self._cache:
@@ -74,6 +77,18 @@ class BatchStream(IterableDataset):
             self._cache[name] = (data, seg, props)
         return self._cache[name]
 
+    def _previous_stage(self, name: str) -> np.ndarray | None:
+        d = self.spec.previous_dir
+        if d is None:
+            return None
+        if name not in self._previous:
+            path = Path(d) / f"{name}.npy"
+            if not path.is_file():
+                raise MedsegError(f"case {name} has no previous-stage segmentation {path}; rerun `medseg3d train` "
+                                  "for the cascade (it rebuilds them)")
+            self._previous[name] = np.load(path, mmap_mode="r")
+        return self._previous[name]
+
     def batch(self, rng: np.random.Generator, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch: B cases drawn with replacement, the last `num_forced_fg` centred on foreground."""
         s = self.spec
@@ -81,15 +96,24 @@ class BatchStream(IterableDataset):
         n_fg = num_forced_fg(s.batch_size, s.oversample_fg)
         imgs, labs = [], []
         for i in range(s.batch_size):
-            data, seg, props = self._case(s.cases[int(rng.integers(len(s.cases)))])
+            name = s.cases[int(rng.integers(len(s.cases)))]
+            data, seg, props = self._case(name)
             img, lab = sample_patch(data, seg, props, box, rng, force_fg=i >= s.batch_size - n_fg,
-                                    slice_axis=s.slice_axis)
+                                    slice_axis=s.slice_axis, extra=self._previous_stage(name))
             imgs.append(img)
             labs.append(lab)
         image = torch.from_numpy(np.stack(imgs))
-        label = torch.from_numpy(np.stack(labs)[:, None].astype(np.int64))
-        if s.augment is not None:
+        label = np.stack(labs)
+        label = torch.from_numpy((label if s.previous_dir is not None else label[:, None]).astype(np.int64))
+        if s.augment is not None:  # the previous stage rides along as a label channel (nearest, flipped alike)
             image, label = augment_batch(image, label, tuple(s.patch_size), s.augment, gen)
+        if s.previous_dir is not None:
+            from medseg3d.cascade import cascade_augment, one_hot_foreground
+
+            prev = one_hot_foreground(label[:, 1], s.num_classes)
+            if s.augment is not None:
+                prev = cascade_augment(prev, rng)
+            image, label = torch.cat((image, prev), dim=1), label[:, :1].contiguous()
         return image, label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

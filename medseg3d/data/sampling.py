@@ -80,19 +80,23 @@ def crop_padded(array: np.ndarray, corner: Sequence[int], patch: Sequence[int], 
 
 def sample_patch(data: np.ndarray, seg: np.ndarray, properties: Mapping[str, Any], patch_size: Sequence[int],
                  rng: np.random.Generator, force_fg: bool = False,
-                 slice_axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 slice_axis: int | None = None, extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One patch `(image (C, *patch) float32, label (*patch) int8)` from a cached case.
 
     data `(C, X, Y, Z)`, seg `(X, Y, Z)`; `patch_size` has 3 values, or 2 for a 2d configuration
-    with `slice_axis` (the axis whose extent becomes 1 and is removed).
+    with `slice_axis` (the axis whose extent becomes 1 and is removed). `extra`: another label map
+    `(X, Y, Z)` of the same grid (the cascade's previous stage) cropped at the same box: the label
+    is then `(2, *patch)`, the target first.
     """
     box = full_patch_size(patch_size, slice_axis)
     corner = choose_corner(seg.shape, box, rng, properties.get("class_locations"), force_fg)
     img = crop_padded(data, corner, box, 0.0).astype(np.float32, copy=False)
     lab = crop_padded(seg, corner, box, 0).astype(np.int8, copy=False)
+    if extra is not None:
+        lab = np.stack([lab, crop_padded(extra, corner, box, 0).astype(np.int8, copy=False)])
     if slice_axis is not None:
         img = np.take(img, 0, axis=1 + int(slice_axis))
-        lab = np.take(lab, 0, axis=int(slice_axis))
+        lab = np.take(lab, 0, axis=int(slice_axis) + (lab.ndim - 3))
     return img, lab
 
 

@@ -95,13 +95,19 @@ def predict_best(work_dir: str | Path, input_path: str | Path, output_dir: str |
     nets = [[n.to(dev).eval() for n in load_fold_models(work_dir, config, arch, folds, "final",
                                                         plans.network_identity(config, arch), plans.file_hash)]
             for config, arch, _, _ in members]
+    # a cascade member runs its previous stage (3d_lowres, the same folds and architecture) first
+    previous = [[n.to(dev).eval() for n in load_fold_models(work_dir, prev, arch, folds, "final",
+                                                            plans.network_identity(prev, arch), plans.file_hash)]
+                if (prev := plans.configuration(config).previous_stage) else None
+                for config, arch, _, _ in members]
     output_dir.mkdir(parents=True, exist_ok=True)
 
     def run(case_name: str, image: Volume, k: int, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
         config, arch, step, mirroring = members[k]
         return predict_case(nets[k], image, plans, config, step=step, use_mirroring=mirroring, device=dev,
                             postprocessing=None if probabilities else decision, return_probabilities=probabilities,
-                            precision=precision, batch_size=batch_size, case=case_name, arch=arch)
+                            precision=precision, batch_size=batch_size, case=case_name, arch=arch,
+                            previous_models=previous[k])
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:

@@ -151,6 +151,8 @@ def predict_folder(
     output_format: str = "auto",
     series_uid: str | None = None,
     models: list[nn.Module] | None = None,
+    previous_stage: str | Path | None = None,
+    previous_models: list[nn.Module] | None = None,
     backend: str = "auto",
 ) -> PredictSummary:
     """Predict every case of `input_path` (folder in MSD/nnU-Net naming, or one file) into `output_dir`.
@@ -163,6 +165,9 @@ def predict_folder(
     `predictor.default_batch_size`). `models` skips checkpoint loading (tests, benchmarks).
     `output_format`: `auto` (the input's format; DICOM series -> DICOM SEG), `nifti`, `nrrd`, `mha` or
     `dicom-seg` (`writer.output_endings`); `series_uid` chooses the series of DICOM folders holding several.
+    A cascade configuration (`3d_cascade_fullres`) first runs its previous stage (`3d_lowres`, the
+    same folds of the same architecture, or `previous_models`) on each image, or reads the previous
+    stage's labels `CASE.nii.gz` from the folder `previous_stage` (a case without one fails alone).
     `backend`: what runs the fold networks (`inference.backends`: auto, torch, onnxruntime, openvino).
     """
     from medseg3d.io import read_volume
@@ -219,6 +224,11 @@ def predict_folder(
     models = [m.to(dev).eval() for m in models]
     models = to_backend(models, runs_on, in_channels=plans.num_channels, source=str(work_dir),
                         patch_size=cfg.for_architecture(arch).patch_size, required=backend != "auto")
+    prev_name = cfg.previous_stage
+    if prev_name and previous_stage is None and previous_models is None:  # one command runs both stages
+        previous_models = load_fold_models(work_dir, prev_name, arch, folds, checkpoint,
+                                           plans.network_identity(prev_name, arch), plans.file_hash)
+    previous_models = [m.to(dev).eval() for m in previous_models or []]
     postprocessing = _load_postprocessing(model_dir_of(work_dir, config, arch))
     output_dir.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -231,13 +241,16 @@ def predict_folder(
             try:
                 image = read_volume(case.images, series_uid=case.series_uid)
                 geometry = Volume(np.zeros((1, 1, 1, 1), np.uint8), image.affine, image.header)
+                prev_seg = None
+                if prev_name and previous_stage is not None:
+                    prev_seg = _previous_labels(Path(previous_stage), case.name, image, prev_name)
                 box = [image]
                 del image  # predict_case then holds the only reference and frees the voxels after preprocessing
                 seg, probs = predict_case(
                     models, box.pop(), plans, config, step=step, use_mirroring=use_mirroring, device=dev,
                     postprocessing=postprocessing, return_probabilities=save_probabilities,
                     precision=precision, batch_size=batch_size, progress=lambda n: bar.advance(t_win, n),
-                    case=case.name, arch=arch)
+                    case=case.name, arch=arch, previous_models=previous_models, previous_seg=prev_seg)
                 write_segmentation(seg, geometry, out, overwrite=overwrite, source=case, labels=plans.labels)
                 if probs is not None:
                     write_probabilities(probs, output_dir / f"{case.name}.npz", overwrite=True)
@@ -256,6 +269,23 @@ def predict_folder(
     log.info("predicted %d case(s) into %s, %d skipped, %d failed", len(summary.predicted), output_dir,
              len(summary.skipped), len(summary.failed))
     return _finish(summary, len(todo) + n_unusable, output_dir)
+
+
+def _previous_labels(folder: Path, case: str, image: Volume, stage: str) -> np.ndarray:
+    """The previous stage's labels `(X, Y, Z)` of `case` from `folder/CASE.nii[.gz]`, checked against the image grid."""
+    from medseg3d.io import read_label
+
+    path = next((folder / f"{case}{e}" for e in (".nii.gz", ".nii") if (folder / f"{case}{e}").is_file()), None)
+    if path is None:
+        raise InputError(f"--previous-stage {folder} has no {case}.nii.gz (the {stage} prediction of this case); "
+                         f"predict it with `medseg3d predict --config {stage}` into that folder first")
+    lab = read_label(path)
+    if tuple(lab.array.shape[1:]) != tuple(image.array.shape[1:]) or not np.allclose(lab.affine, image.affine,
+                                                                                      atol=1e-3):
+        raise InputError(f"{path} does not have the grid of the image of case {case} (shape "
+                         f"{tuple(lab.array.shape[1:])} vs {tuple(image.array.shape[1:])}, or another affine); "
+                         f"give the {stage} prediction of this very image")
+    return np.asarray(lab.array[0])
 
 
 def _finish(summary: PredictSummary, total: int, output_dir: Path) -> PredictSummary:

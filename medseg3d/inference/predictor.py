@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from medseg3d.device import resolve_device
-from medseg3d.errors import InputError
+from medseg3d.errors import ConfigError, InputError
 from medseg3d.inference.sliding_window import sliding_window_slabs
 from medseg3d.preprocess.crop import uncrop
 from medseg3d.preprocess.pipeline import preprocess_arrays, probs_to_original
@@ -148,6 +148,8 @@ def predict_case(
     progress: Callable[[int], None] | None = None,
     case: str = "",
     arch: str | None = None,
+    previous_models: Sequence[nn.Module] | None = None,
+    previous_seg: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment one image with the average of `models` (fold networks in eval mode).
 
@@ -158,21 +160,44 @@ def predict_case(
     `use_mirroring`, softmax averaged over models), back to the original grid, uncrop,
     largest-component `postprocessing` (decision dict or None).
     `arch`: the models' architecture (default: the plan's), whose planned patch the window uses.
+    A cascade configuration (`previous_stage` set, `medseg3d.cascade`) takes the previous stage's
+    labels `(X, Y, Z)` on the image's grid: `previous_seg`, or computed here first with
+    `previous_models` (the previous stage's fold networks, same settings); they are preprocessed like
+    a label and appended one-hot (K - 1 channels) to the image.
     Returns `(seg (X, Y, Z) uint8, probabilities (K, X, Y, Z) float32 or None)`; the probabilities
     (only with `return_probabilities`) are the one full-resolution K-class array this makes.
     """
     check_input(image, plans, case)
     config = plans.configuration(config_name).for_architecture(arch)
+    if config.previous_stage and previous_seg is None:
+        if not previous_models:
+            raise ConfigError(f"{config_name} needs the {config.previous_stage} segmentation of case {case or 'the image'}:"
+                              f" give the {config.previous_stage} models or --previous-stage DIR")
+        previous_seg, _ = predict_case(previous_models, image, plans, config.previous_stage, step=step,
+                                       use_mirroring=use_mirroring, device=device, precision=precision,
+                                       batch_size=batch_size, case=case, arch=arch)
     dev = resolve_device(device)
     amp = resolve_amp(precision, dev)
     arr, spacing = image.array, tuple(image.spacing)
     del image  # when the caller passed its only reference (predict_folder does), `arr` is the last one
     box = [arr]
     del arr  # the list holds the last reference: preprocessing frees the input before resampling
-    pre = preprocess_arrays(box, spacing, config)
+    prev = None
+    if config.previous_stage:
+        prev = np.asarray(previous_seg)
+        if prev.shape != tuple(box[0].shape[1:]):
+            raise InputError(f"case {case}: the {config.previous_stage} segmentation has shape {prev.shape}, the image "
+                             f"{tuple(box[0].shape[1:])}; give the previous stage's prediction of this very image")
+        prev = prev.astype(np.int8)
+    pre = preprocess_arrays(box, spacing, config, seg=prev, classes=[])
     props = pre.properties
     data = torch.from_numpy(pre.data)
-    del pre
+    if prev is not None:
+        from medseg3d.cascade import one_hot_foreground
+
+        data = torch.cat((data, one_hot_foreground(torch.from_numpy(pre.seg.astype(np.int64))[None],
+                                                   plans.num_classes)[0]), dim=0)
+    del pre, prev
     if batch_size is None:
         batch_size = default_batch_size(config.patch_size, config.dims)
     stream = sliding_window_slabs(

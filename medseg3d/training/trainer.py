@@ -146,6 +146,11 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         if not info.is_main:
             splits = load_or_create_splits(work_dir, all_cases, tc.n_folds, write=False)
     train_cases, val_cases = fold_cases(splits, fold, all_cases)
+    cascade = cfg.previous_stage is not None
+    if cascade:  # before anything is written: which previous-stage fold this needs
+        from medseg3d.cascade import require_previous_fold
+
+        require_previous_fold(work_dir, plans, config_name, arch, fold)
     fold_dir = fold_dir_of(work_dir, config_name, arch, fold)
     latest = fold_dir / "checkpoint_latest.pt"
     if info.is_main:
@@ -159,7 +164,10 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         batch = int(tc.batch_size or cfg.batch_size)
         rank_batch = max(1, batch // info.world_size) if info.enabled else batch
         num_classes = plans.num_classes
-        net = build_network(arch, in_channels=plans.num_channels, num_classes=num_classes, deep_supervision=True,
+        from medseg3d.cascade import extra_channels
+
+        in_channels = plans.num_channels + extra_channels(plans, config_name)  # + K - 1 for a cascade stage
+        net = build_network(arch, in_channels=in_channels, num_classes=num_classes, deep_supervision=True,
                             **kwargs).to(device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -176,7 +184,7 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         meta = {"plan_hash": plans.network_hash(config_name, arch),
                 "plan_identity": plans.network_identity(config_name, arch),
                 "configuration": config_name, "architecture": arch,
-                "network_kwargs": kwargs, "in_channels": plans.num_channels, "num_classes": num_classes,
+                "network_kwargs": kwargs, "in_channels": in_channels, "num_classes": num_classes,
                 "fold": str(fold), "patch_size": list(patch), "train_config": tc.to_dict(),
                 "runtime": runtime.to_dict()}
         state = st.RunState()
@@ -207,12 +215,22 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
                  f"; auxiliary loss {aux.name} at weight {aux.weight:g}" if aux is not None else "")
         # a resumed run gets fresh (but reproducible) data streams: seeded by epoch and rank too
         stream_seed = [tc.seed, info.rank, state.epoch]
+        previous = None
+        if cascade:  # the previous stage's segmentations of the fold's cases, cached on this grid
+            from medseg3d.cascade import previous_cache_dir, prepare_previous_stage
+
+            if info.is_main:
+                prepare_previous_stage(work_dir, plans, config_name, arch, fold, train_cases + val_cases, device)
+            barrier(info)
+            previous = previous_cache_dir(work_dir, plans, config_name, arch, fold)
         train_spec = StreamSpec(work_dir, cfg.data_identifier, train_cases, patch, rank_batch, cfg.slice_axis,
                                 tc.oversample_fg, augment_params_for(patch, cfg.mirror_axes) if tc.augment else None,
-                                seed=int(np.random.SeedSequence(stream_seed).generate_state(1)[0]))
+                                seed=int(np.random.SeedSequence(stream_seed).generate_state(1)[0]),
+                                previous_dir=previous, num_classes=num_classes)
         val_spec = StreamSpec(work_dir, cfg.data_identifier, val_cases or train_cases, patch, rank_batch,
                               cfg.slice_axis, tc.oversample_fg, None,
-                              seed=int(np.random.SeedSequence(stream_seed + [7]).generate_state(1)[0]))
+                              seed=int(np.random.SeedSequence(stream_seed + [7]).generate_state(1)[0]),
+                              previous_dir=previous, num_classes=num_classes)
         if state.epoch < tc.epochs and not state.stopped_early:
             train_iter = iter(make_loader(train_spec, runtime.workers, pin_memory=device.type == "cuda"))
             val_iter = iter(make_loader(val_spec, 0))

@@ -45,7 +45,8 @@ def dice_from_counts(counts: torch.Tensor) -> list[float]:
 
 def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: str, val_cases: list[str],
                      out_dir: Path, device: torch.device, *, step: float = 0.5, mirroring: bool = True,
-                     arch: str | None = None, save_probabilities: bool = False) -> Path | None:
+                     arch: str | None = None, save_probabilities: bool = False,
+                     previous_models: list[nn.Module] | None = None) -> Path | None:
     """Predict every validation case from the raw dataset and write `out_dir/summary.json`.
 
     `save_probabilities` also writes `out_dir/CASE.npz` (`(K, X, Y, Z)` float32 on the case's
@@ -88,7 +89,8 @@ def final_validation(net: nn.Module, work_dir: Path, plans: Any, config_name: st
             try:
                 image = read_volume(case.images)
                 seg, probs = predict_case([net], image, plans, config_name, step=step, use_mirroring=mirroring,
-                                          device=device, case=name, arch=arch, return_probabilities=save_probabilities)
+                                          device=device, case=name, arch=arch, return_probabilities=save_probabilities,
+                                          previous_models=previous_models)
                 write_segmentation(seg, image, out_dir / f"{name}.nii.gz", overwrite=True)
                 if probs is not None:
                     write_probabilities(probs, out_dir / f"{name}.npz", overwrite=True)
@@ -146,8 +148,19 @@ def validate_fold(work_dir: Path, plans: Any, config_name: str, arch: str, fold:
     ckpt = load_checkpoint(path, expected_plan=plans.network_identity(config_name, arch), legacy_hash=plans.file_hash)
     net = build_model_from_checkpoint(ckpt).to(device)
     del ckpt
+    previous = []
+    prev_name = plans.configuration(config_name).previous_stage
+    if prev_name:  # a cascade stage: the same fold of the previous stage segments each case first, as predict does
+        from medseg3d.cascade import require_previous_fold
+
+        prev_ckpt = load_checkpoint(require_previous_fold(work_dir, plans, config_name, arch, fold)
+                                    / "checkpoint_final.pt", expected_plan=plans.network_identity(prev_name, arch),
+                                    legacy_hash=plans.file_hash)
+        previous = [build_model_from_checkpoint(prev_ckpt).to(device)]
+        del prev_ckpt
     return final_validation(net, work_dir, plans, config_name, val_cases, fold_dir / "validation", device,
-                            step=step, mirroring=mirroring, arch=arch, save_probabilities=save_probabilities)
+                            step=step, mirroring=mirroring, arch=arch, save_probabilities=save_probabilities,
+                            previous_models=previous)
 
 
 def validate_trained_fold(work_dir: str | Path, config_name: str, fold: int | str, *, arch: str | None = None,
