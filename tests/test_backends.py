@@ -137,9 +137,15 @@ def test_onnxruntime_labels_equal_torch_on_the_shipped_cases(onnx_package, torch
     assert _same_as_torch(out, torch_out) < 1e-3
 
 
-def test_a_work_dir_is_exported_on_the_fly(trained, torch_out, tmp_path, capsys):
+def test_a_work_dir_is_exported_on_the_fly_into_the_cache(trained, torch_out, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = _predict(trained, tmp_path / "wd_ort", "onnxruntime", capsys)
     assert _same_as_torch(out, torch_out) < 1e-3
+    cached = list((tmp_path / "cache" / "medseg3d" / "onnx").glob("*.onnx"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    out = _predict(trained, tmp_path / "wd_ort2", "onnxruntime", capsys)  # from the cache, same labels
+    assert _same_as_torch(out, torch_out) < 1e-3 and cached[0].stat().st_mtime_ns == stamp
 
 
 def test_openvino_labels_equal_torch_from_ir_and_from_onnx(trained, onnx_package, torch_out, tmp_path, capsys):

@@ -11,8 +11,9 @@ moves models (`.to(device).eval()`) leaves them as they are; they run on the CPU
 
 Where the ONNX comes from (`to_backend`): the package member `fold_<K>/network.onnx` (or
 `network.xml`/`.bin` for OpenVINO; `medseg3d export --format onnx|openvino`), or, for a WORK_DIR
-checkpoint, an export made in memory when the command starts (`onnx_export.export_onnx`, about a
-second per fold; nothing is cached on disk).
+checkpoint, an export made when the command starts (`onnx_export.export_onnx`, a few seconds per
+fold) and kept in the user's cache (`cached_export`: `~/.cache/medseg3d/onnx/`, keyed by the
+weights), so the next predict with the same checkpoint starts at once.
 
 `--backend auto` (the default) picks `CPU_AUTO_ORDER`'s first installed backend on the CPU when the
 precision is float32, else torch (CUDA, or bf16/fp16 autocast, which only torch runs).
@@ -21,7 +22,9 @@ precision is float32, else torch (CUDA, or bf16/fp16 autocast, which only torch 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,6 +39,8 @@ __all__ = [
     "CPU_AUTO_ORDER",
     "OnnxRuntimeNetwork",
     "OpenVinoNetwork",
+    "cache_dir",
+    "cached_export",
     "installed_backends",
     "resolve_backend",
     "to_backend",
@@ -103,6 +108,46 @@ class OpenVinoNetwork(nn.Module):
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
         out = self.request.infer({0: arr}, share_inputs=True)
         return torch.from_numpy(out[self.compiled.outputs[0]].copy())
+
+
+def cache_dir() -> Path:
+    """Where WORK_DIR networks' ONNX exports are kept: `$XDG_CACHE_HOME/medseg3d/onnx` (default `~/.cache`)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "medseg3d" / "onnx"
+
+
+def cached_export(model: nn.Module, in_channels: int, patch_size: Sequence[int], *, name: str = "network") -> bytes:
+    """`export_onnx(model, ...)`, kept in `cache_dir()` under the sha256 of what the export depends on
+    (the weights, the module structure as `repr`, C, the patch, the opset, medseg3d's and torch's
+    versions), so a WORK_DIR pays the export (seconds) once per checkpoint. A cache that cannot be
+    read or written is skipped (logged at debug level); the export is then made in memory."""
+    import hashlib
+    import json
+
+    from medseg3d import __version__
+    from medseg3d.inference.onnx_export import OPSET
+
+    h = hashlib.sha256(json.dumps([repr(model), int(in_channels), [int(p) for p in patch_size], OPSET, __version__,
+                                   torch.__version__]).encode())
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    path = cache_dir() / f"{h.hexdigest()[:32]}.onnx"
+    try:
+        data = path.read_bytes()
+        log.debug("%s: ONNX export from the cache %s", name, path)
+        return data
+    except OSError:
+        pass
+    data = export_onnx(model, in_channels, patch_size, name=name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic: a concurrent predict reads the old file or the whole new one
+    except OSError as exc:
+        log.debug("ONNX export of %s not cached (%s)", name, exc)
+    return data
 
 
 def installed_backends() -> list[str]:
@@ -184,7 +229,7 @@ def to_backend(
         members = exported(fold) if exported is not None else None
         if members is None:
             try:
-                members = {"network.onnx": export_onnx(model, in_channels, patch_size, name=name)}
+                members = {"network.onnx": cached_export(model, in_channels, patch_size, name=name)}
             except BackendError as exc:
                 if required:
                     raise

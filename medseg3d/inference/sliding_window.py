@@ -12,6 +12,7 @@ evenly), runs mirror TTA as separate calls, and cannot fall back to host accumul
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -38,7 +39,13 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 
     `n // 2`, half a voxel off, which makes flipped inputs give slightly different stitching).
 
     Zeros (far corners) are raised to the smallest positive weight so every voxel gets some weight.
+    Computed once per (patch, sigma) and copied out (predict calls it for every case).
     """
+    return _gaussian(tuple(int(n) for n in patch_size), float(sigma_scale)).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian(patch_size: tuple[int, ...], sigma_scale: float) -> torch.Tensor:
     g = torch.ones(())
     for n in patch_size:
         n = int(n)
