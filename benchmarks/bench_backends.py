@@ -189,7 +189,9 @@ def agreement(backends: list[str], info: dict, bench: Path, threads: int, labels
                 "save_probabilities": True}
         run_child("medseg", spec, f"prob_{b}", bench, threads)
         probs[b] = bench / f"prob_{b}"
-    read = lambda f: np.asarray(nib.load(f).dataobj)  # noqa: E731
+    def read(f: Path) -> np.ndarray:
+        return np.asarray(nib.load(f).dataobj)
+
     report: dict = {}
     for b in backends:
         r: dict = {}
@@ -208,9 +210,9 @@ def agreement(backends: list[str], info: dict, bench: Path, threads: int, labels
             dice: dict[int, list[float]] = {1: [], 2: []}
             for f in sorted((bench / f"o_{b}_tta").glob("*.nii.gz")):
                 seg, gt = read(f), read(labels_dir / f.name)
-                for c in dice:
+                for c, scores in dice.items():
                     den = int((gt == c).sum() + (seg == c).sum())
-                    dice[c].append(1.0 if den == 0 else 2 * int(((gt == c) & (seg == c)).sum()) / den)
+                    scores.append(1.0 if den == 0 else 2 * int(((gt == c) & (seg == c)).sum()) / den)
             r["mean_dice_tta"] = {str(c): float(np.mean(v)) for c, v in dice.items()}
         report[b] = r
     return report

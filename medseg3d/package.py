@@ -457,9 +457,8 @@ def predict_package(
     The plan and postprocessing are laid out in a temporary WORK_DIR and the fold networks passed
     in, so the output is bit-for-bit that of `predict -m WORK_DIR`. Returns `PredictSummary`.
     """
-    from medseg3d.inference.folder import predict_folder
-
     from medseg3d.inference.backends import to_backend
+    from medseg3d.inference.folder import predict_folder
 
     pkg = open_package(package)
     pkg.check_selection(config, arch, checkpoint)

@@ -175,13 +175,18 @@ def test_a_package_without_the_network_is_refused_with_the_export_command(traine
     assert code == 0 and len(list((tmp_path / "a").glob("*.nii.gz"))) == len(CASES), text
 
 
-def test_backend_choices_are_checked_before_any_work(tmp_path, capsys):
+def test_backend_choices_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
     with pytest.raises(InputError, match="unknown --backend 'onnx'; use one of auto, torch, onnxruntime, openvino"):
         resolve_backend("onnx", torch.device("cpu"), None)
     with pytest.raises(InputError, match="runs on the CPU; pass --device cpu"):
         resolve_backend("onnxruntime", torch.device("cuda"), None)
     assert resolve_backend("auto", torch.device("cuda"), torch.float16) == "torch"
     assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"  # only torch runs bf16
+    from medseg3d.inference import backends
+
+    monkeypatch.setattr(backends, "CPU_AUTO_ORDER", ("not_installed", "onnxruntime"))
+    assert resolve_backend("auto", torch.device("cpu"), None) == "onnxruntime"  # the first installed one, fp32 only
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
     code, text = cli(["export", str(tmp_path), "-o", str(tmp_path / "m.zip"), "--format", "tflite"], capsys)
     assert code == 2 and "--format tflite is not one of onnx, openvino" in text
 
@@ -190,8 +195,8 @@ def test_an_architecture_that_does_not_export_says_so(tmp_path):
     from medseg3d.inference.onnx_export import export_onnx
     from medseg3d.networks import build_network
 
-    kw = dict(dims=3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 4,
-              features=[4, 8, 16, 16], patch_size=[16, 24, 16])
+    kw = {"dims": 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 4,
+          "features": [4, 8, 16, 16], "patch_size": [16, 24, 16]}
     net = build_network("segnet", in_channels=1, num_classes=3, **kw)
     with pytest.raises(BackendError, match="cannot be exported to ONNX .*--backend torch"):
         export_onnx(net, 1, kw["patch_size"], name="segnet")

@@ -133,8 +133,10 @@ def onnx_to_openvino(onnx_bytes: bytes, *, name: str = "network") -> tuple[bytes
     import tempfile
     from pathlib import Path
 
+    import numpy as np
+
     ov = import_openvino()
-    model = ov.Core().read_model(onnx_bytes, ov.Tensor(_empty_weights()))
+    model = ov.Core().read_model(onnx_bytes, ov.Tensor(np.empty(0, dtype=np.uint8)))  # weights are inside the ONNX
     with tempfile.TemporaryDirectory(prefix="medseg3d_ov_") as tmp:
         xml = Path(tmp) / "network.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)
@@ -158,13 +160,7 @@ def network_members(model: nn.Module, formats: Sequence[str], in_channels: int, 
     return out
 
 
-def _empty_weights():  # noqa: ANN202 - a numpy array; OpenVINO wants a Tensor even without external weights
-    import numpy as np
-
-    return np.empty(0, dtype=np.uint8)
-
-
-def import_openvino():  # noqa: ANN201 - the openvino module
+def import_openvino():  # the openvino module (annotated loosely: it may not be installed)
     """The `openvino` module; BackendError saying how to install it when it is missing."""
     try:
         import openvino as ov
@@ -174,7 +170,7 @@ def import_openvino():  # noqa: ANN201 - the openvino module
     return ov
 
 
-def import_onnxruntime():  # noqa: ANN201 - the onnxruntime module
+def import_onnxruntime():  # the onnxruntime module (annotated loosely: it may not be installed)
     """The `onnxruntime` module; BackendError saying how to install it when it is missing."""
     try:
         import onnxruntime as ort
