@@ -59,6 +59,35 @@ def show_plans(plans) -> None:
         table.add_row(f"arch {a}", *cells)
     console.print(table)
     console.print(f"labels: {plans.labels}  schema {plans.schema_version}")
+    for n in names:
+        show_time_budget(n, plans.configurations[n].time_budget)
+
+
+def show_time_budget(name: str, entry: dict | None) -> None:
+    """Print a configuration's `time_budget` entry: device, each width's timing, the choice and the reason."""
+    if not entry:
+        return
+    from medseg3d.plans.budget import format_duration
+
+    c = entry["choice"]
+    table = Table(title=f"{name}: time budget {format_duration(entry['budget_s'])} on {entry['device_name']} "
+                        f"({entry['precision']}{', channels-last' if entry['channels_last'] else ''})")
+    for col in ("width", "features", "s / iteration", "s / forward", "note"):
+        table.add_column(col)
+    for t in entry["measured"]:
+        s_it, s_fwd = t.get("seconds_per_iteration"), t.get("seconds_per_forward")
+        table.add_row(t["width"], _fmt(t["features"]), "-" if s_it is None else f"{s_it:.3f}",
+                      "-" if s_fwd is None else f"{s_fwd:.3f}",
+                      "chosen" if t["width"] == c["width"] else (t.get("skipped") or ""))
+    console.print(table)
+    console.print(f"{name} choice: features {_fmt(c['features'])}, patch {_fmt(c['patch_size'])}, batch "
+                  f"{c['batch_size']}, {c['optimizer']} lr {c['lr']:g}, {c['epochs']} epochs x "
+                  f"{c['iterations_per_epoch']} iterations (+ {c['val_iterations']} validation batches each); "
+                  f"{format_duration(c['reserve_s'])} reserved for the final validation, "
+                  f"{format_duration(c['expected_s'])} expected in all")
+    console.print(f"{name} reason: {entry['reason']}")
+    for line in c.get("considered", []):
+        console.print(f"  {line}")
 
 
 def register(app: typer.Typer) -> None:
@@ -81,6 +110,11 @@ def register(app: typer.Typer) -> None:
                                  "also gets a patch, batch and topology sized for that architecture's own memory."),
         arch_option: list[str] = typer.Option([], "--arch-option",
                                               help="key=value option of --arch, repeatable (stored in the plan)."),
+        time_budget: str | None = typer.Option(
+            None, "--time-budget", help="Time for one fold's training plus its final validation (60m, 1.5h, 900s, "
+            "900 = seconds): times a few training steps of candidate widths on this machine and chooses network "
+            "width, optimiser, lr and epochs x iterations to fit (stored in plans.json). Default: nnU-Net's plan."
+        ),
         show: bool = typer.Option(False, "--show", help="Print each configuration as a table."),
     ) -> None:
         """Verify, fingerprint, plan and preprocess a dataset (rerunning skips what is done and valid)."""
@@ -95,6 +129,11 @@ def register(app: typer.Typer) -> None:
             return
         if gpu_memory is not None and gpu_memory <= 0:
             raise InputError(f"--gpu-memory must be a positive number of GB, got {gpu_memory}")
+        budget_s = None
+        if time_budget is not None:
+            from medseg3d.plans.budget import parse_duration
+
+            budget_s = parse_duration(time_budget)
         wanted = [c.strip() for c in configs.split(",") if c.strip()] or None
         options = None
         if arch != "unet" or arch_option:  # the registry imports torch (1-2 s); the default needs no check
@@ -106,6 +145,7 @@ def register(app: typer.Typer) -> None:
         plans, report = plan_and_preprocess(
             folder, output, gpu_memory_gb=gpu_memory, configs=wanted,
             workers=workers or min(8, os.cpu_count() or 1), arch=arch.lower(), arch_options=options,
+            time_budget_s=budget_s,
         )
         for ident, n in report.written.items():
             console.print(f"{ident}: {n} case(s) preprocessed, {report.skipped[ident]} already done; "
@@ -113,3 +153,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"plans: {output / 'plans.json'} ({', '.join(plans.configurations)})")
         if show:
             show_plans(plans)
+        elif budget_s is not None:
+            for n, c in plans.configurations.items():
+                if c.time_budget:
+                    console.print(f"{n} time budget: {c.time_budget['reason']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -27,11 +28,44 @@ def _fold(text: str) -> int | str:
         raise ConfigError(f"--fold {text!r} must be a fold number (0-4) or 'all'") from exc
 
 
+#: `train` options a plan's time budget decides, by TrainConfig field (a flag given on the command line wins).
+_BUDGET_FLAGS = {"optimizer": "optimizer", "lr": "lr", "epochs": "epochs", "iterations_per_epoch": "iterations",
+                 "val_iterations": "val_iterations"}
+
+
+def _plan_budget(ctx: typer.Context, work_dir: Path, config: str, arch: str | None, time_budget: str | None,
+                 final_validation: bool, device: str) -> dict:
+    """TrainConfig values of this run's time budget: `time_budget_s` alone on a plan without a
+    `time_budget` entry, else the plan's schedule (medseg3d.training.budget) for the flags not given."""
+    from click.core import ParameterSource
+
+    from medseg3d.plans import Plans
+    from medseg3d.plans.budget import parse_duration
+
+    seconds = parse_duration(time_budget) if time_budget is not None else None
+    plan_file = Path(work_dir) / "plans.json"
+    if not plan_file.is_file():
+        return {"time_budget_s": seconds}  # train_fold names the missing plan
+    view = Plans.load(plan_file).configuration(config)
+    view = view.for_architecture(arch)
+    if not view.time_budget:
+        return {"time_budget_s": seconds}
+    import torch
+
+    from medseg3d.training.budget import budget_train_values
+
+    given = [f for f, p in _BUDGET_FLAGS.items() if ctx.get_parameter_source(p) == ParameterSource.COMMANDLINE]
+    kind = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    values = budget_train_values(view, seconds, given, final_validation=final_validation, device_type=kind)
+    return values or {"time_budget_s": seconds}
+
+
 def register(app: typer.Typer) -> None:
     """Add the `train` command to `app`."""
 
     @app.command("train")
     def train(
+        ctx: typer.Context,
         work_dir: Path = typer.Argument(..., help="WORK_DIR written by `medseg3d plan` (plans.json + preprocessed/)."),
         config: str = typer.Option("3d_fullres", "--config", "-c", help="Plan configuration: 2d, 3d_fullres, ..."),
         fold: str = typer.Option("0", "--fold", "-f", help="Fold 0-4 of splits.json, or 'all' (every case trains)."),
@@ -77,9 +111,12 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(12345, "--seed", help="Random seed (per rank: seed + 1000 * rank)."),
         early_stopping: int | None = typer.Option(None, "--early-stopping",
                                                   help="Stop after this many epochs without a new best EMA pseudo-Dice."),
-        time_budget: float | None = typer.Option(None, "--time-budget",
-                                                 help="Wall-clock seconds for this run: the epoch count (and the lr "
-                                                      "schedule) is fitted after the first epoch; --epochs caps it."),
+        time_budget: str | None = typer.Option(None, "--time-budget",
+                                               help="Wall-clock time for this run (900 = seconds, 900s, 60m, 1.5h): "
+                                                    "the epoch count (and the lr schedule) is fitted after the first "
+                                                    "epoch; --epochs caps it. On a plan made with `plan --time-budget` "
+                                                    "(whose budget is the default) the plan's network and schedule are "
+                                                    "used and the final validation fits inside it too."),
         save_every: int = typer.Option(1, "--save-every", help="Write checkpoint_latest.pt every N epochs."),
         final_validation: bool = typer.Option(True, "--final-validation/--no-final-validation",
                                               help="Sliding-window validation of the fold's cases at the end."),
@@ -103,6 +140,8 @@ def register(app: typer.Typer) -> None:
             return
 
         patch = _ints(patch_size, "--patch-size")
+        budget = _plan_budget(ctx, work_dir, config, arch, time_budget, final_validation and _fold(fold) != "all",
+                              device)
         tc = TrainConfig(
             architecture=arch, arch_options=parse_option_args(arch_option), epochs=epochs, iterations_per_epoch=iterations, val_iterations=val_iterations,
             batch_size=batch_size, patch_size=tuple(patch) if patch else None,
@@ -111,8 +150,10 @@ def register(app: typer.Typer) -> None:
             grad_clip=grad_clip, oversample_fg=oversample_fg, augment=augment, device=device, amp=amp,
             compile=compile_, channels_last=channels_last, num_workers=num_workers, seed=seed, resume=resume,
             early_stopping=early_stopping, aux_loss=aux_loss, aux_weight=aux_weight,
-            time_budget_s=time_budget, save_every=save_every, final_validation=final_validation, val_mirroring=val_tta,
+            time_budget_s=budget.pop("time_budget_s"), save_every=save_every, final_validation=final_validation, val_mirroring=val_tta,
             save_probabilities=save_probabilities,
         )
+        if budget:  # the plan's time budget decided the flags not given (medseg3d.training.budget)
+            tc = dataclasses.replace(tc, **budget)
         out = train_fold(work_dir, config, _fold(fold), tc)
         typer.echo(f"trained -> {out}")

@@ -143,16 +143,32 @@ class ConfigurationPlan:
         nnU-Net's plan; an architecture planned with `medseg3d plan --arch NAME` has its own entry
         under `architectures`, sized for its memory, which replaces them here, with its `options`
         as `architecture_options`. An architecture never planned uses the U-Net keys and its
-        default options.
+        default options. A `time_budget` entry measured for `arch` then replaces features, patch
+        and batch with its choice.
         """
         name = str(arch or self.architecture).lower()
         raw = {k: copy.deepcopy(v) for k, v in self.raw.items() if k != "architectures"}
         entry = copy.deepcopy((self.raw.get("architectures") or {}).get(name) or {})
         options = entry.pop("options", None) or {}
         raw.update(entry)
+        budget = raw.get("time_budget")
+        if budget and budget.get("architecture") == name:  # `plan --time-budget` chose this network
+            choice = budget["choice"]
+            raw.update({"features": list(choice["features"]), "patch_size": list(choice["patch_size"]),
+                        "batch_size": int(choice["batch_size"])})
         raw["architecture"] = name
         raw["architecture_options"] = options
         return ConfigurationPlan(self.name, raw)
+
+    @property
+    def time_budget(self) -> dict[str, Any] | None:
+        """The `medseg3d plan --time-budget` entry (budget, device, measured widths, choice, reason), or None.
+
+        Its `choice` (features, patch, batch) replaces the nnU-Net keys in `for_architecture` of the
+        architecture it was measured for, so the network trained, checked and rebuilt is the chosen one.
+        """
+        entry = self.raw.get("time_budget")
+        return copy.deepcopy(entry) if entry else None
 
     @property
     def mirror_axes(self) -> tuple[int, ...]:

@@ -172,11 +172,16 @@ def plan_and_preprocess(
     workers: int = 1,
     arch: str = "unet",
     arch_options: dict[str, Any] | None = None,
+    time_budget_s: float | None = None,
+    budget_device: str = "auto",
 ) -> tuple[Plans, PreprocessReport]:
     """`medseg3d plan`: verify, fingerprint, plan, preprocess. Each step reuses valid earlier output.
 
     Writes `WORK_DIR/dataset_fingerprint.json`, `WORK_DIR/plans.json`,
     `WORK_DIR/preprocessed/<data_identifier>/`. Returns the plans and the preprocessing report.
+    `time_budget_s` (`plan --time-budget`): seconds of one fold's training + final validation; each
+    planned configuration then gets a `time_budget` entry (`medseg3d.plans.timing`), timed on
+    `budget_device`. Without it the plan is nnU-Net's.
     """
     import json
     import time
@@ -225,6 +230,10 @@ def plan_and_preprocess(
             old = Plans.load(plans_path)
         except MedsegError as exc:
             log.warning("the existing %s is not usable (%s); it is replaced", plans_path, exc)
+    if time_budget_s is not None:
+        from medseg3d.plans.timing import add_time_budgets
+
+        plans = add_time_budgets(plans, time_budget_s, len(cases), old, budget_device)
     if old is not None:
         plans = merge_plans(old, plans)
     if old is None or old.to_dict() != plans.to_dict():

@@ -49,6 +49,8 @@ class TrainConfig:
     early_stopping: int | None = None        # epochs without a new best EMA pseudo-Dice before stopping
     ema_alpha: float = 0.9                   # EMA pseudo-Dice = alpha * old + (1 - alpha) * new
     time_budget_s: float | None = None       # wall-clock budget of this invocation: epochs sized after the first
+    time_reserve_s: float | None = None      # None: the budget covers the epochs (clock from the first iteration);
+    #   seconds: it covers the whole run from set-up on, these held back for the final validation (plan --time-budget)
     save_every: int = 1                      # checkpoint_latest.pt every N epochs
     aux_loss: str | None = None              # None: the architecture's default (hdnet: hfd); "none" or "hfd"
     aux_weight: float | None = None          # None: the architecture's (0.1)
@@ -88,6 +90,9 @@ class TrainConfig:
                               "give --val-iterations 1 or more, or drop --early-stopping")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError(f"--time-budget must be positive seconds (got {self.time_budget_s})")
+        if self.time_reserve_s is not None and (self.time_reserve_s < 0 or self.time_budget_s is None):
+            raise ConfigError(f"time_reserve_s must be >= 0 seconds and needs a time budget (got {self.time_reserve_s} "
+                              f"with time_budget_s {self.time_budget_s})")
         if self.aux_loss is not None and self.aux_loss.lower() not in AUX_LOSSES:
             raise ConfigError(f"--aux-loss must be one of {', '.join(AUX_LOSSES)} (got {self.aux_loss!r})")
         if self.aux_weight is not None and self.aux_weight < 0:

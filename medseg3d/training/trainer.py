@@ -66,6 +66,7 @@ class _Loop:
     meta: dict[str, Any]            # the checkpoint's description of the run (plan, network, runtime)
     aux: FeatureLoss | None = None  # auxiliary feature loss (--aux-loss hfd; HDNet's default)
     compile_proven: bool = False    # the compiled model has run a step: later errors are real errors
+    clock_start: float | None = None  # perf_counter at the run's start (a whole-run budget: time_reserve_s)
 
 
 def make_optimizer(net: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -122,6 +123,7 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
     from medseg3d.losses import DeepSupervisionLoss, DiceCELoss
     from medseg3d.networks import build_network, get_architecture
 
+    invoked = time.perf_counter()  # a whole-run budget (tc.time_reserve_s) counts from here
     device = resolve_device(tc.device, info.local_rank if info.enabled else None)
     # the network and patch this run asks for, checked before anything is written or built
     kwargs = cfg.network_kwargs()
@@ -235,7 +237,7 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
             train_iter = iter(make_loader(train_spec, runtime.workers, pin_memory=device.type == "cuda"))
             val_iter = iter(make_loader(val_spec, 0))
             loop = _Loop(model=model, net=net, opt=opt, runtime=runtime, loss_fn=loss_fn, val_loss_fn=val_loss_fn,
-                         num_classes=num_classes, info=info, meta=meta, aux=aux)
+                         num_classes=num_classes, info=info, meta=meta, aux=aux, clock_start=invoked)
             _epochs(state, tc, fold_dir, train_iter, val_iter, plans, loop)
         if aux is not None:
             aux.close()
@@ -266,6 +268,8 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
     columns = [TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
     run_start, requested_epochs = time.perf_counter(), tc.epochs
+    if tc.time_reserve_s is not None and loop.clock_start is not None:
+        run_start = loop.clock_start  # the budget covers set-up too; the final validation is held back
     epoch_times: list[float] = []
     with Progress(*columns, console=console, disable=not info.is_main, transient=True) as bar:
         while state.epoch < tc.epochs:
@@ -336,7 +340,7 @@ def _fit_budget(tc: TrainConfig, state: st.RunState, elapsed: float, epoch_times
     beyond what was asked for; after that the run only stops early when one more epoch of the mean
     time would overrun the budget (a slower machine part-way through).
     """
-    budget = float(tc.time_budget_s or 0)
+    budget = float(tc.time_budget_s or 0) - float(tc.time_reserve_s or 0)  # the final validation's reserve
     remaining = budget - elapsed
     if len(epoch_times) <= 3:
         per_epoch = epoch_times[-1] if len(epoch_times) == 1 else float(np.mean(epoch_times[1:]))

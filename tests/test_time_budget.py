@@ -1,0 +1,291 @@
+"""`plan --time-budget` (issue 20, items 1 and 3): the choice with injected timings, the stored entry,
+the network identity it implies, the trainer's reserve, and one CLI run on the shipped data.
+
+No test asserts on a measured time: the rules get made-up seconds, and the measuring test only checks
+that numbers come back and are stored with their device.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from medseg3d.errors import ConfigError, PlanError
+from medseg3d.plans import Plans
+from medseg3d.plans import budget as bud
+from medseg3d.plans.planner import plan_from_fingerprint
+from tests._synth import SHIPPED
+from tests.test_plans import CASES, synthetic_fingerprint
+
+#: Task04-like facts: 42 validation cases, one window each (the patch covers the median image), 3D TTA.
+FACTS = bud.BudgetFacts(patch_size=[40, 56, 40], batch_size=7, validation_cases=42, windows_per_case=1,
+                        mirror_variants=8)
+PLAN_FEATURES = [32, 64, 128, 256]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread (as tests/test_train.py): on a shared 2-core machine two threads wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def widths(s_per_it: dict[str, float | None], forward_ratio: float = 0.25) -> list[bud.WidthTiming]:
+    """Injected timings: seconds per iteration per width name (None: not timed), forward = a fraction."""
+    out = []
+    for div in bud.WIDTH_DIVISORS:
+        name = bud.width_name(div)
+        s = s_per_it.get(name)
+        feats = bud.scaled_features(PLAN_FEATURES, div)
+        out.append(bud.WidthTiming(name, feats, s, None if s is None else s * forward_ratio,
+                                   None if s is not None else "not timed in this test"))
+    return out
+
+
+# CPU-like: 2-core EPYC at the hippocampus plan (orders of magnitude only, made up for the rules)
+CPU = {"1x": 9.0, "1/2": 2.8, "1/4": 1.0}
+# GPU-like
+GPU = {"1x": 0.05, "1/2": 0.03, "1/4": 0.02}
+
+
+def test_parse_duration_forms_and_refusals():
+    assert bud.parse_duration("60m") == 3600.0
+    assert bud.parse_duration("1.5h") == 5400.0
+    assert bud.parse_duration("900s") == bud.parse_duration("900") == bud.parse_duration(900) == 900.0
+    assert bud.parse_duration(" 2 min ") == 120.0
+    for bad in ("", "soon", "10d", "-5m", "0", "1e3"):
+        with pytest.raises(ConfigError, match="time-budget"):
+            bud.parse_duration(bad)
+
+
+def test_forty_cpu_minutes_choose_the_hand_made_recipe():
+    """The known-good point: half width, AdamW lr 1e-3, 50 iterations per epoch."""
+    plan = bud.choose_budget_plan(widths(CPU), 2400, FACTS)
+    assert (plan.width, plan.features, plan.optimizer, plan.lr) == ("1/2", [16, 32, 64, 128], "adamw", 1e-3)
+    assert plan.iterations_per_epoch == 50 and plan.val_iterations == 5
+    assert plan.iterations >= bud.MIN_ITERATIONS["adamw"]
+    assert plan.patch_size == FACTS.patch_size and plan.batch_size == FACTS.batch_size
+    assert "1x adamw" in " ".join(plan.considered) and "1/2 width" in plan.reason and "AdamW" in plan.reason
+
+
+def test_shorter_budget_goes_narrower_and_a_tiny_one_says_it_is_too_short():
+    ten = bud.choose_budget_plan(widths(CPU), 600, FACTS)
+    assert ten.width == "1/4" and ten.optimizer == "adamw"
+    tiny = bud.choose_budget_plan(widths(CPU), 120, FACTS)
+    assert tiny.width == "1/4" and "too short" in tiny.reason
+    # fewer than MIN_EPOCHS epochs of 50 would fit: shorter epochs instead, at least one iteration each
+    assert tiny.epochs >= bud.MIN_EPOCHS and 1 <= tiny.iterations_per_epoch < 50
+    assert tiny.expected_s <= tiny.budget_s
+
+
+def test_long_budget_on_a_fast_device_is_nnunets_plan():
+    plan = bud.choose_budget_plan(widths(GPU), 24 * 3600, FACTS)
+    assert (plan.features, plan.optimizer, plan.lr) == (PLAN_FEATURES, "sgd", 0.01)
+    assert (plan.epochs, plan.iterations_per_epoch, plan.val_iterations) == (1000, 250, 50)
+    assert "nnU-Net's plan" in plan.reason
+
+
+def test_in_between_nnunets_recipe_shortened_then_adamw():
+    hour = bud.choose_budget_plan(widths(GPU), 3600, FACTS)
+    assert hour.optimizer == "sgd" and hour.features == PLAN_FEATURES and hour.iterations_per_epoch == 250
+    assert bud.MIN_ITERATIONS["sgd"] <= hour.iterations < 1000 * 250 and hour.epochs < 1000
+    short = bud.choose_budget_plan(widths(GPU), 600, FACTS)  # SGD would get < 25 000 iterations
+    assert short.optimizer == "adamw" and short.features == PLAN_FEATURES
+
+
+def test_the_final_validation_is_reserved_first():
+    t = widths(CPU)[1]  # 1/2 width
+    reserve = bud.validation_reserve(t, FACTS)
+    per_window = t.seconds_per_forward / FACTS.batch_size
+    assert math.isclose(reserve, 42 * 1 * 8 * per_window * bud.VALIDATION_MARGIN)
+    plan = bud.choose_budget_plan(widths(CPU), 2400, FACTS)
+    assert math.isclose(plan.reserve_s, round(reserve, 3)) and math.isclose(plan.train_s + plan.reserve_s, 2400)
+    epoch_s = 50 * 2.8 + 5 * 0.7
+    assert plan.epochs == int(plan.train_s // epoch_s) and plan.expected_s <= 2400
+    # a validation four times as long (4 windows a case) leaves fewer epochs in the same budget
+    bigger = bud.BudgetFacts(**{**FACTS.to_dict(), "windows_per_case": 4})
+    assert bud.choose_budget_plan(widths(CPU), 2400, bigger).train_s < plan.train_s
+
+
+def test_untimed_widths_are_named_and_none_timed_is_refused():
+    plan = bud.choose_budget_plan(widths({"1/4": 1.0}), 600, FACTS)
+    assert plan.width == "1/4" and any("not timed" in c for c in plan.considered)
+    with pytest.raises(PlanError, match="time-budget"):
+        bud.choose_budget_plan(widths({}), 600, FACTS)
+
+
+def test_replanned_schedule_keeps_the_network():
+    entry = _entry(2400)
+    same = bud.replan_schedule(entry, 2400)
+    assert same.to_dict() == entry["choice"]
+    half = bud.replan_schedule(entry, 1200)
+    assert (half.features, half.optimizer) == (same.features, same.optimizer) and half.epochs < same.epochs
+    without = bud.replan_schedule(entry, 2400, validation=False)
+    assert without.reserve_s == 0 and without.epochs >= same.epochs
+
+
+def _entry(budget_s: float, timings: dict | None = None) -> dict:
+    """A `time_budget` entry as `medseg3d.plans.timing.time_budget_entry` writes it, from injected timings."""
+    ts = widths(timings or CPU)
+    choice = bud.choose_budget_plan(ts, budget_s, FACTS)
+    return {"rules_version": bud.RULES_VERSION, "budget_s": budget_s, "device": "cpu", "device_name": "cpu: test",
+            "precision": "fp32", "channels_last": True, "architecture": "unet", "architecture_options": {},
+            "in_channels": 1, "steps_timed": 3, "measured": [t.to_dict() for t in ts], "facts": FACTS.to_dict(),
+            "choice": choice.to_dict(), "reason": choice.reason}
+
+
+def test_the_stored_entry_round_trips_and_reproduces_the_choice(tmp_path):
+    plans = plan_from_fingerprint(synthetic_fingerprint(**CASES["small"]), gpu_memory_gb=8.0)
+    raw = plans.to_dict()
+    raw["configurations"]["3d_fullres"]["time_budget"] = _entry(2400)
+    Plans(raw).save(tmp_path / "plans.json")
+    entry = Plans.load(tmp_path).configuration("3d_fullres").time_budget
+    assert entry == json.loads(json.dumps(_entry(2400)))
+    assert bud.BudgetPlan.from_dict(entry["choice"]).to_dict() == entry["choice"]
+    again = bud.choose_budget_plan([bud.WidthTiming.from_dict(t) for t in entry["measured"]], entry["budget_s"],
+                                   bud.BudgetFacts.from_dict(entry["facts"]))
+    assert again.to_dict() == entry["choice"]  # the choice is reproducible from plans.json alone
+    broken = copy.deepcopy(entry["choice"])
+    del broken["epochs"]
+    with pytest.raises(PlanError, match="time_budget"):
+        bud.BudgetPlan.from_dict(broken)
+
+
+def test_plans_without_a_budget_are_nnunets_and_a_budget_changes_the_network_identity():
+    plans = plan_from_fingerprint(synthetic_fingerprint(**CASES["small"]), gpu_memory_gb=8.0)
+    assert all("time_budget" not in c for c in plans.raw["configurations"].values())
+    name = "3d_fullres"
+    plain_hash, plain_view = plans.network_hash(name), plans.configuration(name).for_architecture(None)
+    raw = plans.to_dict()
+    entry = _entry(2400)
+    entry["choice"]["patch_size"] = list(plain_view.patch_size)
+    raw["configurations"][name]["time_budget"] = entry
+    budgeted = Plans(raw)
+    view = budgeted.configuration(name).for_architecture(None)
+    assert view.features == entry["choice"]["features"] != plain_view.features
+    assert view.network_kwargs()["features"] == entry["choice"]["features"]  # what train builds, predict rebuilds
+    assert budgeted.network_identity(name)["configuration"]["features"] == entry["choice"]["features"]
+    assert budgeted.network_hash(name) != plain_hash
+    # another architecture than the one timed keeps nnU-Net's keys
+    assert budgeted.configuration(name).for_architecture("fcn").features == plain_view.features
+    # the timings, device and reason are not part of the identity: another machine's timing, same choice
+    other = copy.deepcopy(raw)
+    other["configurations"][name]["time_budget"]["device_name"] = "cpu: elsewhere"
+    other["configurations"][name]["time_budget"]["measured"][0]["seconds_per_iteration"] = 123.0
+    assert Plans(other).network_hash(name) == budgeted.network_hash(name)
+
+
+def test_the_trainer_holds_the_reserve_back():
+    """`_fit_budget` with injected epoch times: the reserve shrinks the epochs that fit."""
+    from medseg3d.training import state as st
+    from medseg3d.training.config import TrainConfig
+    from medseg3d.training.distributed import DistInfo
+    from medseg3d.training.trainer import _fit_budget
+
+    run = st.RunState()
+    run.epoch = 1
+    plain = TrainConfig(epochs=100, time_budget_s=100.0)
+    _fit_budget(plain, run, 10.0, [10.0], 100, DistInfo(), torch.device("cpu"))
+    reserved = TrainConfig(epochs=100, time_budget_s=100.0, time_reserve_s=40.0)
+    _fit_budget(reserved, run, 10.0, [10.0], 100, DistInfo(), torch.device("cpu"))
+    assert (plain.epochs, reserved.epochs) == (10, 6)  # 1 + 90 / 10 vs 1 + 50 / 10
+    with pytest.raises(ConfigError, match="time_reserve_s"):
+        TrainConfig(time_reserve_s=5.0)
+
+
+def test_train_values_from_the_plan_leave_given_flags_alone():
+    from medseg3d.plans.schema import ConfigurationPlan
+    from medseg3d.training.budget import budget_train_values
+
+    plans = plan_from_fingerprint(synthetic_fingerprint(**CASES["small"]), gpu_memory_gb=8.0)
+    raw = copy.deepcopy(plans.raw["configurations"]["3d_fullres"])
+    raw["time_budget"] = _entry(2400)
+    view = ConfigurationPlan("3d_fullres", raw).for_architecture(None)
+    values = budget_train_values(view, None, given=["lr"])
+    choice = raw["time_budget"]["choice"]
+    assert values == {"optimizer": "adamw", "epochs": choice["epochs"], "iterations_per_epoch": 50,
+                      "val_iterations": 5, "time_budget_s": 2400.0, "time_reserve_s": choice["reserve_s"]}
+    assert budget_train_values(view, 1200.0)["epochs"] < choice["epochs"]
+    assert budget_train_values(view, None, final_validation=False)["time_reserve_s"] == 0.0
+    assert budget_train_values(ConfigurationPlan("3d_fullres", raw).for_architecture("fcn"), None) == {}
+
+
+def test_measuring_returns_numbers_with_the_device_and_reuses_them(monkeypatch):
+    """Real steps of tiny networks on the CPU: numbers come back and are stored with the device (no time asserted)."""
+    from medseg3d.plans import timing
+
+    fp = synthetic_fingerprint(spacing=(1.0, 1.0, 1.0), shape=(12, 12, 12), n_cases=5)
+    plans = plan_from_fingerprint(fp, gpu_memory_gb=8.0, configs=["3d_fullres"])
+    monkeypatch.setattr(timing, "STEPS", 2)  # fewer steps, fp32 (bf16's first steps on a CPU are slow): a quick test
+    monkeypatch.setattr(timing, "_runtime_defaults", lambda device, dims: (None, False, "fp32"))
+    entry = timing.time_budget_entry(plans, "3d_fullres", 1e9, 5, torch.device("cpu"))
+    assert entry["device"] == "cpu" and entry["device_name"].startswith("cpu: ")
+    assert [t["width"] for t in entry["measured"]] == ["1x", "1/2", "1/4"]
+    for t in entry["measured"]:
+        assert t["seconds_per_iteration"] > 0 and t["seconds_per_forward"] > 0
+    assert entry["choice"]["reason"] == entry["reason"] and entry["facts"]["validation_cases"] == 1
+    # on the same device the timings are reused, not measured again: the same entry
+    monkeypatch.setattr(timing, "time_width", lambda *a, **k: pytest.fail("timed again"))
+    assert timing.time_budget_entry(plans, "3d_fullres", 1e9, 5, torch.device("cpu"), entry) == entry
+    # another device name: timed again
+    moved = {**entry, "device_name": "cpu: another machine"}
+    monkeypatch.setattr(timing, "time_width", lambda *a, **k: (2.0, 0.5))
+    fresh = timing.time_budget_entry(plans, "3d_fullres", 100.0, 5, torch.device("cpu"), moved)
+    # at 2 s per iteration 100 s give fewer iterations than any option needs: the wider widths are not timed
+    assert [("skipped" in t) for t in fresh["measured"]] == [True, True, False]
+    assert fresh["choice"]["width"] == "1/4"
+
+
+def run_cli(argv, capsys):
+    from medseg3d.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return exc.value.code or 0, out.out + out.err
+
+
+def test_plan_time_budget_then_train_honours_it(tmp_path, capsys):
+    """`plan --time-budget 2m` on the shipped data, then a 20 s `train`: it stops and validates (CPU)."""
+    work = tmp_path / "work"
+    code, out = run_cli(["plan", str(SHIPPED), "-o", str(work), "--configs", "3d_fullres", "-j", "1",
+                         "--time-budget", "2m"], capsys)
+    assert code == 0, out
+    plans = Plans.load(work)
+    entry = plans.configuration("3d_fullres").time_budget
+    assert entry["budget_s"] == 120.0 and entry["device"] == "cpu" and "time budget" in out
+    choice = entry["choice"]
+    assert plans.configuration("3d_fullres").for_architecture(None).features == choice["features"]
+    mtime = (work / "plans.json").stat().st_mtime_ns
+    code, out = run_cli(["plan", str(SHIPPED), "-o", str(work), "--configs", "3d_fullres", "-j", "1",
+                         "--time-budget", "120"], capsys)
+    assert code == 0 and (work / "plans.json").stat().st_mtime_ns == mtime, out  # reused timings: same plan
+    code, out = run_cli(["plan", "--show", str(work)], capsys)
+    assert code == 0 and "reason" in out and "chosen" in out
+
+    code, out = run_cli(["train", str(work), "--fold", "0", "--time-budget", "20", "--no-compile"], capsys)
+    assert code == 0, out
+    fold = work / "results" / "3d_fullres" / "unet" / "fold_0"
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    assert summary["cases"] and summary["mean_dice"]  # the final validation ran
+    assert "time budget 20 s" in out and "adamw" in (fold / "training_log.txt").read_text()
+    from medseg3d.inference.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(fold / "checkpoint_final.pt",
+                           expected_plan=Plans.load(work).network_identity("3d_fullres"))
+    assert ckpt["network_kwargs"]["features"] == choice["features"]  # predict rebuilds the chosen network
+    assert ckpt["train_config"]["optimizer"] == "adamw" and ckpt["train_config"]["time_budget_s"] == 20.0
+
+    bad, out = run_cli(["train", str(work), "--fold", "1", "--time-budget", "soon"], capsys)
+    assert bad == 2 and "900s, 60m, 1.5h" in out and "Traceback" not in out
+    # planned again without --time-budget: nnU-Net's plan, its network identity as before
+    code, out = run_cli(["plan", str(SHIPPED), "-o", str(work), "--configs", "3d_fullres", "-j", "1"], capsys)
+    plain = Plans.load(work)
+    assert code == 0 and plain.configuration("3d_fullres").time_budget is None
+    assert plain.configuration("3d_fullres").features == [32, 64, 128, 256]
