@@ -19,7 +19,7 @@ from medseg3d.plans import Plans
 from medseg3d.plans import budget as bud
 from medseg3d.plans.planner import plan_from_fingerprint
 from tests._synth import SHIPPED
-from tests.test_plans import CASES, synthetic_fingerprint
+from tests.test_plans import CASES, GOLDEN, synthetic_fingerprint
 
 #: Task04-like facts: 42 validation cases, one window each (the patch covers the median image), 3D TTA.
 FACTS = bud.BudgetFacts(patch_size=[40, 56, 40], batch_size=7, validation_cases=42, windows_per_case=1,
@@ -160,6 +160,8 @@ def test_the_stored_entry_round_trips_and_reproduces_the_choice(tmp_path):
 def test_plans_without_a_budget_are_nnunets_and_a_budget_changes_the_network_identity():
     plans = plan_from_fingerprint(synthetic_fingerprint(**CASES["small"]), gpu_memory_gb=8.0)
     assert all("time_budget" not in c for c in plans.raw["configurations"].values())
+    golden = json.loads((GOLDEN / "plans_small.json").read_text())
+    assert {k: v for k, v in plans.to_dict().items() if k != "medseg3d_version"} == golden  # as before
     name = "3d_fullres"
     plain_hash, plain_view = plans.network_hash(name), plans.configuration(name).for_architecture(None)
     raw = plans.to_dict()
