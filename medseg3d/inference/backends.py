@@ -151,15 +151,11 @@ def cached_export(model: nn.Module, in_channels: int, patch_size: Sequence[int],
 
 
 def installed_backends() -> list[str]:
-    """`torch` plus each optional backend whose package imports."""
-    have = ["torch"]
-    for backend, module in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
-        try:
-            __import__(module)
-        except ImportError:
-            continue
-        have.append(backend)
-    return have
+    """`torch` plus each optional backend whose package is installed (found, not imported: importing
+    openvino alone takes about a second)."""
+    from importlib.util import find_spec
+
+    return ["torch", *(b for b in ("onnxruntime", "openvino") if find_spec(b) is not None)]
 
 
 def resolve_backend(backend: str, device: torch.device, amp_dtype: torch.dtype | None) -> str:
@@ -174,7 +170,7 @@ def resolve_backend(backend: str, device: torch.device, amp_dtype: torch.dtype |
     if backend == "auto":
         if device.type != "cpu" or amp_dtype is not None:
             return "torch"
-        have = installed_backends()
+        have = installed_backends() if CPU_AUTO_ORDER else []
         return next((b for b in CPU_AUTO_ORDER if b in have), "torch")
     if backend != "torch" and device.type != "cpu":
         raise InputError(f"--backend {backend} runs on the CPU; pass --device cpu (or --backend torch on {device})")
