@@ -291,3 +291,25 @@ def test_plan_time_budget_then_train_honours_it(tmp_path, capsys):
     plain = Plans.load(work)
     assert code == 0 and plain.configuration("3d_fullres").time_budget is None
     assert plain.configuration("3d_fullres").features == [32, 64, 128, 256]
+
+
+def test_the_budget_stops_training_inside_a_long_first_epoch(tmp_path, capsys):
+    """A network whose one epoch is far longer than the budget (the zoo's FC-DenseNet on 2 CPU cores:
+    no 50-iteration epoch in 37 min against a 15-min budget) stops at the first iteration past it."""
+
+    work = tmp_path / "work"
+    code, out = run_cli(["plan", str(SHIPPED), "-o", str(work), "--configs", "3d_fullres", "-j", "1"], capsys)
+    assert code == 0, out
+    code, out = run_cli(["train", str(work), "--fold", "0", "--time-budget", "2", "--iterations-per-epoch", "100000",
+                         "--epochs", "50", "--features", "4,8,8,8", "--batch-size", "2", "--val-iterations", "1",
+                         "--num-workers", "0", "--device", "cpu", "--no-final-validation"], capsys)
+    assert code == 0, out
+    fold = work / "results" / "3d_fullres" / "unet" / "fold_0"
+    rows = (fold / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2  # one (cut) epoch
+    header, row = rows[0].split(","), rows[1].split(",")
+    done = int(row[header.index("iterations")])
+    assert 1 <= done < 100000
+    assert "training stops here" in (fold / "training_log.txt").read_text()
+    ckpt = torch.load(fold / "checkpoint_final.pt", weights_only=True)
+    assert ckpt["epoch"] == 1

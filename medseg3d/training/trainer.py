@@ -46,6 +46,7 @@ from medseg3d.training.distributed import (
 )
 from medseg3d.training.logger import write_epoch_artifacts
 from medseg3d.training.runtime import Runtime, resolve_runtime
+from medseg3d.training.schedule import _fit_budget, budget_deadline, make_optimizer, poly_lr  # noqa: F401
 from medseg3d.training.validation import confusion_counts, dice_from_counts, validate_fold
 
 log = logging.getLogger(__name__)
@@ -67,23 +68,7 @@ class _Loop:
     aux: FeatureLoss | None = None  # auxiliary feature loss (--aux-loss hfd; HDNet's default)
     compile_proven: bool = False    # the compiled model has run a step: later errors are real errors
     clock_start: float | None = None  # perf_counter at the run's start (a whole-run budget: time_reserve_s)
-
-
-def make_optimizer(net: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
-    """nnU-Net's SGD (Nesterov, `tc.momentum`) or AdamW (betas 0.9/0.999), both at `tc.lr` and `tc.weight_decay`.
-
-    AdamW reaches a usable model in far fewer iterations (the demo's short CPU schedule); SGD is
-    what the long recipe is tuned for. The poly schedule drives both.
-    """
-    if tc.optimizer == "adamw":
-        return torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    return torch.optim.SGD(net.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
-                           nesterov=True)
-
-
-def poly_lr(lr0: float, epoch: int, epochs: int, exponent: float) -> float:
-    """nnU-Net's poly schedule: `lr0 * (1 - epoch / epochs) ** exponent`."""
-    return lr0 * (1 - epoch / epochs) ** exponent
+    deadline: float | None = None     # perf_counter at which training stops, even inside an epoch (--time-budget)
 
 
 def _train_cases(work_dir: Path, data_identifier: str) -> list[str]:
@@ -271,6 +256,7 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
     if tc.time_reserve_s is not None and loop.clock_start is not None:
         run_start = loop.clock_start  # the budget covers set-up too; the final validation is held back
     epoch_times: list[float] = []
+    loop.deadline = budget_deadline(tc, run_start)
     with Progress(*columns, console=console, disable=not info.is_main, transient=True) as bar:
         while state.epoch < tc.epochs:
             epoch = state.epoch
@@ -279,8 +265,12 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
                 g["lr"] = lr
             task = bar.add_task("train", total=tc.iterations_per_epoch, epoch=epoch, loss=float("nan"))
             t0 = time.perf_counter()
-            train_loss, wait = _train_epoch(tc, train_iter, loop, bar, task)
+            train_loss, wait, done = _train_epoch(tc, train_iter, loop, bar, task)
             train_time = time.perf_counter() - t0
+            if done < tc.iterations_per_epoch:  # the budget ran out inside this epoch: it is the last
+                log.info("time budget %.0f s reached after %d of %d iterations of epoch %d: training stops here",
+                         tc.time_budget_s, done, tc.iterations_per_epoch, epoch + 1)
+                tc.epochs = epoch + 1
             if loop.aux is not None:
                 state.aux = loop.aux.state_dict()
             bar.remove_task(task)
@@ -296,7 +286,7 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
                 "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "mean_pseudo_dice": mean_dice,
                 "ema_pseudo_dice": state.ema_dice, "lr": lr, "epoch_time_s": epoch_time,
                 "data_wait_fraction": wait / train_time if train_time > 0 else 0.0,
-                "iterations_per_s": tc.iterations_per_epoch / train_time if train_time > 0 else 0.0,
+                "iterations_per_s": done / train_time if train_time > 0 else 0.0, "iterations": done,
             }
             row.update({f"pseudo_dice_{name}": d for name, d in zip(labels, dice)})
             state.history.append(row)
@@ -331,44 +321,22 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
                 break
 
 
-def _fit_budget(tc: TrainConfig, state: st.RunState, elapsed: float, epoch_times: list[float],
-                requested_epochs: int, info: DistInfo, device: torch.device) -> None:
-    """Size the run (and so the poly schedule) so it ends within `time_budget_s` (seconds).
-
-    Over the first three epochs of this invocation the number of epochs is re-estimated from the
-    latest epoch's time (the first one carries warm-up: autocast kernels, worker start-up), never
-    beyond what was asked for; after that the run only stops early when one more epoch of the mean
-    time would overrun the budget (a slower machine part-way through).
-    """
-    budget = float(tc.time_budget_s or 0) - float(tc.time_reserve_s or 0)  # the final validation's reserve
-    remaining = budget - elapsed
-    if len(epoch_times) <= 3:
-        per_epoch = epoch_times[-1] if len(epoch_times) == 1 else float(np.mean(epoch_times[1:]))
-        fit = min(requested_epochs, state.epoch + max(0, int(remaining / max(per_epoch, 1e-6))))
-    else:
-        fit = state.epoch if remaining < float(np.mean(epoch_times[1:])) else tc.epochs
-    t = torch.tensor([fit], device=device)
-    if info.enabled:  # rank 0 decides, so every rank runs the same number of epochs
-        torch.distributed.broadcast(t, 0)
-    new = int(t.item())
-    if new != tc.epochs:
-        log.info("time budget %.0f s: %.0f s left, %.1f s per epoch; training %d epochs instead of %d",
-                 budget, remaining, epoch_times[-1], new, tc.epochs)
-        tc.epochs = new
-
-
 def _autocast(runtime: Runtime) -> Any:
     dt = runtime.amp_dtype
     return torch.autocast(runtime.device.type, dtype=dt) if dt is not None else nullcontext()
 
 
-def _train_epoch(tc: TrainConfig, it: Any, loop: _Loop, bar: Progress, task: Any) -> tuple[float, float]:
-    """Run one epoch of iterations; returns (mean train loss over ranks, seconds spent waiting for data)."""
+def _train_epoch(tc: TrainConfig, it: Any, loop: _Loop, bar: Progress, task: Any) -> tuple[float, float, int]:
+    """Run one epoch of iterations, or fewer when `loop.deadline` passes (rank 0's clock decides for all).
+
+    Returns (mean train loss over ranks and iterations done, seconds spent waiting for data, iterations done).
+    """
     runtime = loop.runtime
     device = runtime.device
     loop.model.train()
     total = torch.zeros((), device=device)
     wait = 0.0
+    done = 0
     for _ in range(tc.iterations_per_epoch):
         t = time.perf_counter()
         image, label = next_batch(it)
@@ -392,9 +360,13 @@ def _train_epoch(tc: TrainConfig, it: Any, loop: _Loop, bar: Progress, task: Any
             loss = _train_step(tc, loop, image, label)
         loop.compile_proven = runtime.compile  # later failures are real errors, not the compiler's
         total += loss.detach()
+        done += 1
         bar.update(task, advance=1, loss=float(loss.detach()))
-    mean = all_reduce_mean(total / tc.iterations_per_epoch, loop.info)
-    return float(mean), wait
+        if loop.deadline is not None and done < tc.iterations_per_epoch and \
+                broadcast_flag(time.perf_counter() > loop.deadline, loop.info, device):
+            break
+    mean = all_reduce_mean(total / done, loop.info)
+    return float(mean), wait, done
 
 
 def _train_step(tc: TrainConfig, loop: _Loop, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
