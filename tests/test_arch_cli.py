@@ -89,7 +89,7 @@ def test_train_resume_predict_in_2d_and_3d(planned, tmp_path, arch, capsys):
         weights = {"pspnet": [1.0, 0.4], "unet": [2 / 3, 1 / 3, 0.0], "hdnet": [2 / 3, 1 / 3, 0.0]}.get(arch, [1.0])
         log = (fold / "training_log.txt").read_text()
         assert f"training outputs weighted {weights}" in log
-        assert (f"auxiliary loss {AUX[arch]}" in log) == (arch in AUX)
+        assert (f"auxiliary loss {AUX[arch]}" in log) if arch in AUX else ("auxiliary loss" not in log)
         assert ("aux_state" in ckpt) == (arch in AUX)  # the HFD class centres survive --resume
         if arch in AUX:
             assert ckpt["aux_state"]["centres"].shape[0] == 3 and bool(ckpt["aux_state"]["seen"].any())
