@@ -9,6 +9,7 @@ the tests do not lean on `medseg3d.io.convert`, the code under test.
 from __future__ import annotations
 
 import json
+import locale
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,16 @@ from medseg3d.io.dicom import check_series
 from tests._synth import SHIPPED, plan_shipped
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _keep_locale():
+    """SimpleITK's DICOM writer (GDCM) switches the whole process to the C locale; Python then opens text
+    files as ASCII, and later tests fail far from here (torch.compile's inductor templates hold UTF-8).
+    Only these tests write DICOM with SimpleITK (medseg3d reads it, which leaves the locale alone)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 def cli(argv: list[str], capsys) -> tuple[int, str]:
