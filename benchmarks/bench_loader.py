@@ -35,13 +35,13 @@ def main() -> None:
     from medseg3d.data.augment import augment_batch, augment_params_for
     from medseg3d.data.loader import BatchStream, StreamSpec, enlarged_patch
     from medseg3d.plans import Plans
-    from medseg3d.training.trainer import _train_cases
+    from medseg3d.preprocess.cache import labelled_cases
 
     plans = Plans.load(args.work / "plans.json")
     cfg = plans.configuration(args.config)
     params = augment_params_for(cfg.patch_size, cfg.mirror_axes)
     batch = args.batch_size or cfg.batch_size
-    spec = StreamSpec(args.work, cfg.data_identifier, _train_cases(args.work, cfg.data_identifier),
+    spec = StreamSpec(args.work, cfg.data_identifier, labelled_cases(args.work, cfg.data_identifier),
                       tuple(cfg.patch_size), batch, cfg.slice_axis, 0.33, params, seed=0)
     # the same stream without augmentation, cutting the enlarged box the spatial transform needs
     sampler = BatchStream(StreamSpec(**{**spec.__dict__, "augment": None,

@@ -87,12 +87,15 @@ def _sha256(path: Path) -> str:
 
 def prepare_previous_stage(work_dir: Path, plans: Any, config_name: str, arch: str, fold: int | str,
                            cases: Sequence[str], device: torch.device, step: float = 0.5,
-                           mirroring: bool = True) -> Path:
+                           mirroring: bool = True, write: bool = True) -> Path:
     """Cache the previous stage's segmentation of every case on this configuration's grid; returns the folder.
 
     `CASE.npy`: uint8 `(X, Y, Z)` labels of the fullres cache's grid. Cases already cached by the same
-    lowres checkpoint are kept; everything is rebuilt when that checkpoint changed.
+    lowres checkpoint are kept; everything is rebuilt when that checkpoint changed. `write=False`
+    (DDP ranks other than 0) only returns the folder rank 0 fills.
     """
+    if not write:
+        return previous_cache_dir(work_dir, plans, config_name, arch, fold)
     from medseg3d.inference.checkpoint import build_model_from_checkpoint, load_checkpoint
     from medseg3d.inference.predictor import resolve_amp
     from medseg3d.inference.sliding_window import sliding_window_predict

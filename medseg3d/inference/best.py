@@ -23,9 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medseg3d.device import resolve_device
 from medseg3d.errors import InputError, OutputError, describe_case_error
 from medseg3d.inference.ensemble import average_probabilities, labels_from_probabilities
-from medseg3d.inference.folder import PredictSummary, _finish, load_fold_models, split_part
+from medseg3d.inference.folder import PredictSummary, _finish, load_fold_models, pending_outputs, split_part
 from medseg3d.inference.predictor import predict_case
-from medseg3d.inference.writer import output_path, write_segmentation
+from medseg3d.inference.writer import write_segmentation
 from medseg3d.io.volume import Volume
 from medseg3d.logging_utils import console
 
@@ -75,20 +75,15 @@ def predict_best(work_dir: str | Path, input_path: str | Path, output_dir: str |
     found, problems = input_cases_and_problems(input_path, plans.num_channels)
     entries = sorted([(c.name, c, "") for c in found] + [(n, None, why) for n, why in problems], key=lambda e: e[0])
     summary = PredictSummary()
-    todo = []
+    cases = []
     for name, case, why in split_part(entries, num_parts, part_id):
         if case is None:
             log.error("case %s cannot be predicted: %s", name, why)
             summary.failed.append((name, why))
-            continue
-        out = output_path(output_dir, case.name, ".nii" if case.images[0].name.endswith(".nii") else ".nii.gz")
-        if out.exists() and not overwrite:
-            summary.skipped.append(case.name)
         else:
-            todo.append((case, out))
-    if summary.skipped:
-        log.info("%d case(s) skipped: their output exists in %s (pass --overwrite to redo them)",
-                 len(summary.skipped), output_dir)
+            cases.append(case)
+    endings = {c.name: ".nii" if c.images[0].name.endswith(".nii") else ".nii.gz" for c in cases}
+    todo = pending_outputs(cases, output_dir, endings, overwrite, summary)
     n_unusable = len(summary.failed)
     if not todo:
         return _finish(summary, n_unusable, output_dir)

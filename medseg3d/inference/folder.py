@@ -204,17 +204,8 @@ def predict_folder(
             summary.failed.append((name, why))
         else:
             cases.append(case)
-    todo = []
     endings = output_endings(cases, output_format)  # an impossible --output-format is refused before any work
-    for case in cases:
-        out = output_path(output_dir, case.name, endings[case.name])
-        if out.exists() and not overwrite:
-            summary.skipped.append(case.name)
-        else:
-            todo.append((case, out))
-    if summary.skipped:
-        log.info("%d case(s) skipped: their output exists in %s (pass --overwrite to redo them)",
-                 len(summary.skipped), output_dir)
+    todo = pending_outputs(cases, output_dir, endings, overwrite, summary)
     n_unusable = len(summary.failed)  # refused at discovery; the total counts them with the cases tried
     if not todo:
         return _finish(summary, n_unusable, output_dir)
@@ -286,6 +277,23 @@ def _previous_labels(folder: Path, case: str, image: Volume, stage: str) -> np.n
                          f"{tuple(lab.array.shape[1:])} vs {tuple(image.array.shape[1:])}, or another affine); "
                          f"give the {stage} prediction of this very image")
     return np.asarray(lab.array[0])
+
+
+def pending_outputs(cases: list, output_dir: Path, endings: dict[str, str], overwrite: bool,
+                    summary: PredictSummary) -> list[tuple[Any, Path]]:
+    """`(case, output path)` of the cases to predict: an existing output is skipped (listed in `summary`,
+    counted in the log) unless `overwrite`. `endings`: file ending per case name."""
+    todo = []
+    for case in cases:
+        out = output_path(output_dir, case.name, endings[case.name])
+        if out.exists() and not overwrite:
+            summary.skipped.append(case.name)
+        else:
+            todo.append((case, out))
+    if summary.skipped:
+        log.info("%d case(s) skipped: their output exists in %s (pass --overwrite to redo them)",
+                 len(summary.skipped), output_dir)
+    return todo
 
 
 def _finish(summary: PredictSummary, total: int, output_dir: Path) -> PredictSummary:

@@ -103,6 +103,15 @@ def list_cached_cases(work_dir: str | Path, data_identifier: str) -> list[str]:
     return sorted(f.stem for f in d.glob("*.json") if not f.name.startswith("."))
 
 
+def labelled_cases(work_dir: str | Path, data_identifier: str) -> list[str]:
+    """The cached cases with a label (what training samples); PlanError saying to run `plan` when there is none."""
+    cases = [c for c in list_cached_cases(work_dir, data_identifier) if is_cached(work_dir, data_identifier, c)]
+    if not cases:
+        raise PlanError(f"no labelled case in the preprocessed cache {Path(work_dir) / 'preprocessed' / data_identifier}; "
+                        "run `medseg3d plan DATA_DIR -o WORK_DIR` first (it preprocesses the training cases)")
+    return cases
+
+
 def load_case(
     work_dir: str | Path, data_identifier: str, case: str, mmap: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:

@@ -29,9 +29,10 @@ from medseg3d.data.augment import augment_params_for
 from medseg3d.data.loader import StreamSpec, make_loader, next_batch
 from medseg3d.data.splits import fold_cases, load_or_create_splits
 from medseg3d.device import resolve_device
-from medseg3d.errors import ConfigError, MedsegError, OutputExistsError, PlanError
+from medseg3d.errors import ConfigError, MedsegError, OutputExistsError
 from medseg3d.logging_utils import add_file_log, console
 from medseg3d.paths import fold_dir_of
+from medseg3d.preprocess.cache import labelled_cases
 from medseg3d.training import state as st
 from medseg3d.training.aux import FeatureLoss, resolve_aux_loss
 from medseg3d.training.config import TrainConfig, check_patch_size
@@ -69,16 +70,6 @@ class _Loop:
     compile_proven: bool = False    # the compiled model has run a step: later errors are real errors
     clock_start: float | None = None  # perf_counter at the run's start (a whole-run budget: time_reserve_s)
     deadline: float | None = None     # perf_counter at which training stops, even inside an epoch (--time-budget)
-
-
-def _train_cases(work_dir: Path, data_identifier: str) -> list[str]:
-    from medseg3d.preprocess.cache import is_cached, list_cached_cases
-
-    cases = [c for c in list_cached_cases(work_dir, data_identifier) if is_cached(work_dir, data_identifier, c)]
-    if not cases:
-        raise PlanError(f"no labelled case in the preprocessed cache {work_dir / 'preprocessed' / data_identifier}; "
-                        "run `medseg3d plan DATA_DIR -o WORK_DIR` first (it preprocesses the training cases)")
-    return cases
 
 
 def train_fold(work_dir: str | Path, config_name: str, fold: int | str,
@@ -124,7 +115,7 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
                           f"{config_name} is {cfg.dims}D")
     check_patch_size(patch, kwargs["strides"], config_name)
     kwargs["patch_size"] = list(patch)
-    all_cases = _train_cases(work_dir, cfg.data_identifier)
+    all_cases = labelled_cases(work_dir, cfg.data_identifier)
     splits: list[dict[str, list[str]]] = []  # --fold all trains on every case: no split, any number of cases
     if str(fold) != "all":
         if info.is_main:
@@ -203,13 +194,12 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
         # a resumed run gets fresh (but reproducible) data streams: seeded by epoch and rank too
         stream_seed = [tc.seed, info.rank, state.epoch]
         previous = None
-        if cascade:  # the previous stage's segmentations of the fold's cases, cached on this grid
-            from medseg3d.cascade import previous_cache_dir, prepare_previous_stage
+        if cascade:  # the previous stage's segmentations of the fold's cases, cached on this grid (rank 0 writes)
+            from medseg3d.cascade import prepare_previous_stage
 
-            if info.is_main:
-                prepare_previous_stage(work_dir, plans, config_name, arch, fold, train_cases + val_cases, device)
+            previous = prepare_previous_stage(work_dir, plans, config_name, arch, fold, train_cases + val_cases,
+                                              device, write=info.is_main)
             barrier(info)
-            previous = previous_cache_dir(work_dir, plans, config_name, arch, fold)
         train_spec = StreamSpec(work_dir, cfg.data_identifier, train_cases, patch, rank_batch, cfg.slice_axis,
                                 tc.oversample_fg, augment_params_for(patch, cfg.mirror_axes) if tc.augment else None,
                                 seed=int(np.random.SeedSequence(stream_seed).generate_state(1)[0]),
