@@ -86,3 +86,35 @@ def pointwise_model():
             return torch.cat([-4 * v, 4 * v - 2, torch.zeros_like(v)], dim=1)
 
     return Pointwise()
+
+
+def tiny_train_args(iterations: int = 1) -> list[str]:
+    """`medseg3d train` flags for a seconds-long CPU run on the shipped data (tiny network and patch)."""
+    return ["--epochs", "1", "--iterations-per-epoch", str(iterations), "--patch-size", "16,24,16", "--features",
+            "4,8,16,16", "--batch-size", "2", "--no-amp", "--val-iterations", "1", "--no-val-tta", "--num-workers",
+            "0", "--no-final-validation", "--device", "cpu"]
+
+
+def train_shipped(tmp_path_factory, folds=("0",), iterations: int = 1) -> Path:
+    """`plan_shipped`, then `folds` trained with `tiny_train_args(iterations)`; returns the WORK_DIR."""
+    import pytest
+
+    from medseg3d.cli import main
+
+    wd = plan_shipped(tmp_path_factory)
+    for fold in folds:
+        with pytest.raises(SystemExit) as ex:
+            main(["train", str(wd), "--fold", str(fold), *tiny_train_args(iterations)])
+        assert ex.value.code in (0, None)
+    return wd
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit code and captured stdout + stderr of `medseg3d ARGV` run in-process."""
+    import pytest
+
+    from medseg3d.cli import main
+
+    with pytest.raises(SystemExit) as ex:
+        main(argv)
+    return int(ex.value.code or 0), "".join(capsys.readouterr())

@@ -19,31 +19,20 @@ from medseg3d.cli import main
 from medseg3d.errors import BackendError, InputError
 from medseg3d.inference.backends import OnnxRuntimeNetwork, resolve_backend
 from medseg3d.package import MANIFEST
-from tests._synth import SHIPPED, plan_shipped
+from tests._synth import SHIPPED, run_cli, train_shipped
 
 ort = pytest.importorskip("onnxruntime")
 torch.set_num_threads(1)
-TRAIN = ["--epochs", "1", "--iterations-per-epoch", "3", "--patch-size", "16,24,16", "--features", "4,8,16,16",
-         "--batch-size", "2", "--no-amp", "--val-iterations", "1", "--no-val-tta", "--num-workers", "0",
-         "--no-final-validation", "--device", "cpu"]
 CASES = sorted(p.name[: -len(".nii.gz")] for p in (SHIPPED / "imagesTs").glob("*.nii.gz"))
 
 
-def cli(argv: list[str], capsys) -> tuple[int, str]:
-    """Exit code and captured stdout + stderr of `medseg3d ARGV` run in-process."""
-    with pytest.raises(SystemExit) as ex:
-        main(argv)
-    return int(ex.value.code or 0), "".join(capsys.readouterr())
+cli = run_cli
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """WORK_DIR with fold 0 trained (three iterations)."""
-    wd = plan_shipped(tmp_path_factory)
-    with pytest.raises(SystemExit) as ex:
-        main(["train", str(wd), "--fold", "0", *TRAIN])
-    assert ex.value.code in (0, None)
-    return wd
+    return train_shipped(tmp_path_factory, iterations=3)
 
 
 @pytest.fixture(scope="module")

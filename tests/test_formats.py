@@ -25,7 +25,7 @@ from medseg3d.inference.writer import output_endings, write_segmentation
 from medseg3d.io import read_header, read_label, read_volume
 from medseg3d.io.dataset import Case, input_cases_and_problems
 from medseg3d.io.dicom import check_series
-from tests._synth import SHIPPED, plan_shipped
+from tests._synth import SHIPPED, run_cli, train_shipped
 
 torch.set_num_threads(1)
 
@@ -40,11 +40,7 @@ def _keep_locale():
     locale.setlocale(locale.LC_ALL, saved)
 
 
-def cli(argv: list[str], capsys) -> tuple[int, str]:
-    """`tests.test_package.cli` (imported when used: that module needs the whole package importable)."""
-    from tests.test_package import cli as package_cli
-
-    return package_cli(argv, capsys)
+cli = run_cli
 
 _C, _S = np.cos(0.3), np.sin(0.3)
 _ROT = np.array([[_C, -_S, 0], [_S, _C, 0], [0, 0, 1]]) @ np.array(
@@ -234,13 +230,7 @@ CASE_DIRECTION = _ROT @ np.diag([1.0, -1.0, -1.0])
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """WORK_DIR of the shipped hippocampus_mini with fold 0 trained for one iteration."""
-    from tests.test_package import TRAIN
-
-    wd = plan_shipped(tmp_path_factory)
-    with pytest.raises(SystemExit) as ex:
-        main(["train", str(wd), "--fold", "0", *TRAIN])
-    assert ex.value.code in (0, None)
-    return wd
+    return train_shipped(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -22,32 +22,22 @@ from safetensors.torch import load as load_safetensors
 
 from medseg3d.cli import main
 from medseg3d.package import MANIFEST, PACKAGE_VERSION, open_package
-from tests._synth import SHIPPED, plan_shipped
+from tests._synth import SHIPPED, run_cli, tiny_train_args, train_shipped
 
 torch.set_num_threads(1)
-TRAIN = ["--epochs", "1", "--iterations-per-epoch", "1", "--patch-size", "16,24,16", "--features", "4,8,16,16",
-         "--batch-size", "2", "--no-amp", "--val-iterations", "1", "--no-val-tta", "--num-workers", "0",
-         "--no-final-validation", "--device", "cpu"]
+TRAIN = tiny_train_args(1)
 CASES = ["hippocampus_314", "hippocampus_341"]
 DECISION = {"largest_component_foreground": False, "largest_component_classes": [1], "dice_before": 0.5,
             "dice_after": 0.6}
 
 
-def cli(argv: list[str], capsys) -> tuple[int, str]:
-    """Exit code and captured stdout + stderr of `medseg3d ARGV` run in-process."""
-    with pytest.raises(SystemExit) as ex:
-        main(argv)
-    return int(ex.value.code or 0), "".join(capsys.readouterr())
+cli = run_cli
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """WORK_DIR with folds 0 and 1 trained (one iteration each) and a postprocessing decision."""
-    wd = plan_shipped(tmp_path_factory)
-    for fold in ("0", "1"):
-        with pytest.raises(SystemExit) as ex:
-            main(["train", str(wd), "--fold", fold, *TRAIN])
-        assert ex.value.code in (0, None)
+    wd = train_shipped(tmp_path_factory, folds=("0", "1"))
     (wd / "results" / "3d_fullres" / "unet" / "postprocessing.json").write_text(json.dumps(DECISION))
     return wd
 
