@@ -33,12 +33,17 @@ _BUDGET_FLAGS = {"optimizer": "optimizer", "lr": "lr", "epochs": "epochs", "iter
                  "val_iterations": "val_iterations"}
 
 
+def _from_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was given on the command line (not its default). Compared by the enum's
+    name: typer >= 0.29 vendors click as `typer._click`, so `click` itself may not be installed."""
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) == "COMMANDLINE"
+
+
 def _plan_budget(ctx: typer.Context, work_dir: Path, config: str, arch: str | None, time_budget: str | None,
                  final_validation: bool, device: str) -> dict:
     """TrainConfig values of this run's time budget: `time_budget_s` alone on a plan without a
     `time_budget` entry, else the plan's schedule (medseg3d.training.budget) for the flags not given."""
-    from click.core import ParameterSource
-
     from medseg3d.plans import Plans
     from medseg3d.plans.budget import parse_duration
 
@@ -54,7 +59,7 @@ def _plan_budget(ctx: typer.Context, work_dir: Path, config: str, arch: str | No
 
     from medseg3d.training.budget import budget_train_values
 
-    given = [f for f, p in _BUDGET_FLAGS.items() if ctx.get_parameter_source(p) == ParameterSource.COMMANDLINE]
+    given = [f for f, p in _BUDGET_FLAGS.items() if _from_command_line(ctx, p)]
     kind = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
     values = budget_train_values(view, seconds, given, final_validation=final_validation, device_type=kind)
     return values or {"time_budget_s": seconds}
