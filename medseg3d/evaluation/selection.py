@@ -2,7 +2,7 @@
 `nnUNetv2_find_best_configuration`).
 
 Candidates: every trained (configuration, architecture) that has validation predictions of every
-requested fold (`WORK_DIR/results/<CONFIG>/<ARCH>/fold_<K>/validation/CASE.nii.gz`), and every
+requested fold (a cascade also needs its previous stage's folds, which `predict --best` runs first) (`WORK_DIR/results/<CONFIG>/<ARCH>/fold_<K>/validation/CASE.nii.gz`), and every
 pair of those whose folds also hold the probabilities (`CASE.npz`, `train --save-probabilities`).
 All are scored on the same cases (the requested folds' validation cases, present for every
 candidate) against the dataset's reference labels (`crossval.reference_labels`):
@@ -106,6 +106,11 @@ def scan_models(work_dir: Path, plans, folds: Sequence[int], configs: Sequence[s
                 trained = (fold_dir_of(work_dir, config, arch, k) / "checkpoint_final.pt").is_file()
                 lacking.append(f"fold {k} {'has no validation predictions' if trained else 'is not trained'} "
                                f"({_command(work_dir, config, arch, k, trained)})")
+            prev = plans.configuration(config).previous_stage
+            if prev:  # predict --best runs the previous stage's folds first: a cascade without them cannot win
+                lacking += [f"its previous stage {prev} fold {k} is not trained (`medseg3d train {work_dir} --config "
+                            f"{prev} --arch {arch} --fold {k}`)" for k in folds
+                            if not (fold_dir_of(work_dir, prev, arch, k) / "checkpoint_final.pt").is_file()]
             if lacking:
                 missing.append(f"{config}/{arch}: " + "; ".join(lacking))
                 continue
