@@ -354,3 +354,36 @@ def test_verify_and_plan_read_an_msd_dataset_of_nrrd_images_and_mha_labels(tmp_p
         assert code == 0, text
         plans[kind] = json.loads((tmp_path / f"wd_{kind}" / "plans.json").read_text())["configurations"]
     assert plans["itk"] == plans["nifti"]
+
+
+def test_evaluate_and_ensemble_read_the_nrrd_and_mha_predictions(trained, one_image_four_formats, tmp_path, capsys):
+    """What predict writes in another format is scored by `evaluate` and averaged by `ensemble` in that format."""
+    folder, _ = one_image_four_formats
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("case_nrrd.nrrd", "case_mha.mha"):
+        shutil.copy(folder / name, inp)
+    members = [tmp_path / "a", tmp_path / "b"]
+    for out in members:
+        code, text = cli(["predict", "-m", str(trained), "-i", str(inp), "-o", str(out), "--folds", "0", "--no-tta",
+                          "--device", "cpu", "--save-probabilities"], capsys)
+        assert code == 0, text
+    refs = tmp_path / "refs"  # the same labels as NIfTI references on the same grid
+    refs.mkdir()
+    for name, case in (("case_nrrd.nrrd", "case_nrrd"), ("case_mha.mha", "case_mha")):
+        sitk.WriteImage(sitk.ReadImage(str(members[0] / name)), str(refs / f"{case}.nii.gz"))
+    report = tmp_path / "eval.json"
+    code, text = cli(["evaluate", str(members[0]), str(refs), "--labels", "1,2", "--json", str(report), "-j", "1"],
+                     capsys)
+    assert code == 0, text
+    summary = json.loads(report.read_text())
+    assert summary["num_cases"] == 2
+    assert all(summary["per_class_mean"][c]["dice"] == 1.0 for c in ("1", "2"))
+    code, text = cli(["ensemble", *map(str, members), "-o", str(tmp_path / "ens")], capsys)
+    assert code == 0, text
+    assert sorted(p.name for p in (tmp_path / "ens").iterdir()) == ["case_mha.mha", "case_nrrd.nrrd"]
+    for name in ("case_nrrd.nrrd", "case_mha.mha"):
+        a, b = (sitk.ReadImage(str(d / name)) for d in (members[0], tmp_path / "ens"))
+        assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+        np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-5)

@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     @app.command("ensemble")
     def ensemble(
         in_dirs: list[Path] = typer.Argument(..., help="Folders of CASE.npz (predict --save-probabilities), two or more."),
-        output: Path = typer.Option(..., "-o", "--output", help="Folder for the CASE.nii.gz label maps."),
+        output: Path = typer.Option(..., "-o", "--output", help="Folder for the label maps (CASE.nii.gz, or the format predict wrote beside the .npz)."),
         postprocessing: Path | None = typer.Option(None, "--postprocessing",
                                                    help="postprocessing.json to apply (evaluate --model writes one)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (default: skip them)."),

@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("evaluate")
     def evaluate(
-        pred_dir: Path = typer.Argument(None, help="Folder of predicted label maps (.nii.gz)."),
+        pred_dir: Path = typer.Argument(None, help="Folder of predicted label maps (.nii.gz, .nrrd, .mha, ...)."),
         ref_dir: Path = typer.Argument(None, help="Folder of reference label maps, matched by file name."),
         labels: str = typer.Option(None, "--labels", "-l", help="Classes to report, e.g. 1,2 (default: all found)."),
         json_out: Path = typer.Option(None, "--json", help="Write every metric of every case to this JSON file."),

@@ -1,7 +1,8 @@
 """Evaluate a folder of predicted label maps against a folder of reference label maps.
 
-Cases are matched by file name without `.nii`/`.nii.gz` (a trailing `_0000` is ignored, so
-`case_0000.nii.gz` matches `case.nii.gz`). Every prediction needs a reference with the same shape,
+Label maps are the files of every format `predict` writes (`.nii.gz`, `.nii`, `.nrrd`, `.mha`, ...;
+`medseg3d.io.formats`), matched by file name without that suffix (a trailing `_0000` is ignored, so
+`case_0000.nii.gz` matches `case.nrrd`). Every prediction needs a reference with the same shape,
 spacing, origin and direction. A case that fails (no reference, other grid, unreadable file, negative
 labels) never stops the others: the good cases are evaluated and written (JSON/CSV, with the failed
 ones listed under `failed`), then one `EvaluationError` names every failed case, by case and file.
@@ -27,7 +28,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from medseg3d.errors import CasesFailedError, DatasetError, InputError, Problem, describe_case_error
 from medseg3d.evaluation.metrics import CASE_KEYS, CLASS_KEYS, case_metrics, empty_class_result
-from medseg3d.io import atomic_path, read_label, strip_nifti_suffix, write_json_atomic
+from medseg3d.io import atomic_path, read_label, write_json_atomic
+from medseg3d.io.formats import LISTED_SUFFIXES, is_image_file, strip_image_suffix
 from medseg3d.logging_utils import console
 from medseg3d.workers import resolve_workers
 
@@ -55,18 +57,19 @@ class CasePair:
 
 
 def case_key(filename: str) -> str:
-    """Matching key of a file name: no NIfTI suffix, no trailing `_0000` channel index."""
-    stem = strip_nifti_suffix(filename)
+    """Matching key of a file name: no image suffix (NIfTI, NRRD, MHA), no trailing `_0000` channel index."""
+    stem = strip_image_suffix(filename)
     return stem.removesuffix("_0000")
 
 
 def list_label_files(folder: Path) -> dict[str, Path]:
-    """`{case key: path}` of the `.nii`/`.nii.gz` files directly in `folder`."""
+    """`{case key: path}` of the label maps directly in `folder`: every format `predict` writes as a
+    file (`.nii.gz`, `.nii`, `.nrrd`, `.nhdr`, `.mha`, `.mhd`; `medseg3d.io.formats`)."""
     if not folder.is_dir():
-        raise InputError(f"{folder} is not a folder; give the folder holding the .nii.gz label maps")
+        raise InputError(f"{folder} is not a folder; give the folder holding the label maps ({LISTED_SUFFIXES})")
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name.endswith((".nii.gz", ".nii")) and not path.name.startswith("."):
+        if path.is_file() and is_image_file(path):
             key = case_key(path.name)
             if key in files:
                 raise DatasetError(
@@ -86,7 +89,7 @@ def match_cases(pred_dir: str | Path, ref_dir: str | Path) -> tuple[list[CasePai
     preds = list_label_files(pred_dir)
     refs = list_label_files(ref_dir)
     if not preds:
-        raise InputError(f"{pred_dir} holds no .nii/.nii.gz predictions")
+        raise InputError(f"{pred_dir} holds no predictions ({LISTED_SUFFIXES})")
     return pair_available(preds, refs, str(ref_dir))
 
 

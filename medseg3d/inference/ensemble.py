@@ -3,8 +3,9 @@
 The probability files are those `medseg3d predict --save-probabilities` and training's final
 validation with `--save-probabilities` write (`medseg3d.inference.writer.write_probabilities`): key
 `probabilities`, `(K, X, Y, Z)` float32 on the input's original grid. They carry no geometry; both
-writers put the label map `CASE.nii.gz` (written with the input's exact header) beside each one, and
-that header is what the ensemble's labels are written with.
+writers put the label map `CASE.nii.gz` (written with the input's exact header; `.nrrd`/`.mha` when
+predict wrote that format) beside each one, and its geometry is what the ensemble's labels are
+written with, in its format.
 
 Averaging is one function (`average_probabilities`) shared by `medseg3d ensemble`, `find-best` and
 `predict --best`, so the three give bit-identical labels from the same probabilities. Memory: one
@@ -103,13 +104,24 @@ def ensemble_labels(paths: Sequence[Path]) -> np.ndarray:
     return labels_from_probabilities(average_probabilities(read_probabilities(p) for p in paths))
 
 
-def _nifti_beside(npz: Path) -> Path | None:
+def _label_beside(npz: Path) -> Path | None:
+    """The label map `predict` wrote beside `CASE.npz` (`CASE.nii.gz`, `.nii`, `.nrrd`, `.mha`, ...)."""
+    from medseg3d.io.formats import IMAGE_SUFFIXES
+
     stem = npz.name[: -len(PROBABILITY_SUFFIX)]
-    for ending in (".nii.gz", ".nii"):
+    for ending in IMAGE_SUFFIXES:
         candidate = npz.with_name(stem + ending)
         if candidate.is_file():
             return candidate
     return None
+
+
+def _written_suffix(name: str) -> str:
+    """The ending an ensemble writes beside a member's `name`: its own format (`.mhd`/`.nhdr` pairs as
+    one compressed `.mha`/`.nrrd` file, as `predict` writes them)."""
+    from medseg3d.io.formats import OUTPUT_SUFFIX, file_format
+
+    return ".nii" if name.lower().endswith(".nii") else OUTPUT_SUFFIX[file_format(name) or "nifti"]
 
 
 def probability_cases(folder: Path) -> dict[str, Path]:
@@ -123,10 +135,11 @@ def probability_cases(folder: Path) -> dict[str, Path]:
 
 def ensemble_folders(in_dirs: Sequence[str | Path], out_dir: str | Path, *, postprocessing: dict | None = None,
                      overwrite: bool = False) -> EnsembleSummary:
-    """Average the probabilities of every case found in all `in_dirs` and write `out_dir/CASE.nii.gz`.
+    """Average the probabilities of every case found in all `in_dirs` and write `out_dir/CASE.nii.gz`
+    (or `.nrrd`/`.mha`: the format of the label map beside the case's first `.npz`).
 
-    Each label map gets the header of the `CASE.nii.gz` beside the case's first `.npz` (the input's
-    own geometry, as `predict` wrote it), then `postprocessing` (a `medseg3d.postprocess` decision).
+    Each label map gets the geometry of the label map beside the case's first `.npz` (the input's
+    own geometry, as `predict` wrote it; a NIfTI's header unchanged), then `postprocessing` (a `medseg3d.postprocess` decision).
     A case missing from some folder, without that label file, or whose maps differ in shape fails
     alone; at the end `EnsembleError` names every failed case. Existing outputs are skipped unless
     `overwrite`; every file is written atomically.
@@ -161,11 +174,11 @@ def ensemble_folders(in_dirs: Sequence[str | Path], out_dir: str | Path, *, post
         for name in todo:
             paths = [f[name] for f in found]
             try:
-                geometry_file = _nifti_beside(paths[0])
+                geometry_file = _label_beside(paths[0])
                 if geometry_file is None:
-                    raise InputError(f"no {name}.nii.gz beside {paths[0]} to take the geometry from; copy the "
-                                     "label map predict wrote with it back into that folder")
-                out = output_path(out_dir, name, ".nii" if geometry_file.name.endswith(".nii") else ".nii.gz")
+                    raise InputError(f"no {name}.nii.gz (or .nrrd, .mha) beside {paths[0]} to take the geometry "
+                                     "from; copy the label map predict wrote with it back into that folder")
+                out = output_path(out_dir, name, _written_suffix(geometry_file.name))
                 if out.exists() and not overwrite:
                     summary.skipped.append(name)
                     continue
