@@ -226,6 +226,7 @@ def test_measuring_returns_numbers_with_the_device_and_reuses_them(monkeypatch):
     plans = plan_from_fingerprint(fp, gpu_memory_gb=8.0, configs=["3d_fullres"])
     monkeypatch.setattr(timing, "STEPS", 2)  # fewer steps, fp32 (bf16's first steps on a CPU are slow): a quick test
     monkeypatch.setattr(timing, "_runtime_defaults", lambda device, dims: (None, False, "fp32"))
+    monkeypatch.setattr(timing, "CONTENDED_SHARE", 0.0)  # reused however busy this machine is (tested below)
     entry = timing.time_budget_entry(plans, "3d_fullres", 1e9, 5, torch.device("cpu"))
     assert entry["device"] == "cpu" and entry["device_name"].startswith("cpu: ")
     assert [t["width"] for t in entry["measured"]] == ["1x", "1/2", "1/4"]
@@ -237,11 +238,32 @@ def test_measuring_returns_numbers_with_the_device_and_reuses_them(monkeypatch):
     assert timing.time_budget_entry(plans, "3d_fullres", 1e9, 5, torch.device("cpu"), entry) == entry
     # another device name: timed again
     moved = {**entry, "device_name": "cpu: another machine"}
-    monkeypatch.setattr(timing, "time_width", lambda *a, **k: (2.0, 0.5))
+    monkeypatch.setattr(timing, "time_width", lambda *a, **k: (2.0, 0.5, 0.98))
     fresh = timing.time_budget_entry(plans, "3d_fullres", 100.0, 5, torch.device("cpu"), moved)
     # at 2 s per iteration 100 s give fewer iterations than any option needs: the wider widths are not timed
     assert [("skipped" in t) for t in fresh["measured"]] == [True, True, False]
     assert fresh["choice"]["width"] == "1/4"
+    assert all(0.0 < t["cpu_share"] <= 1.0 for t in entry["measured"])  # the real timing's share of the CPU
+
+
+def test_timings_taken_on_a_busy_cpu_are_warned_about_and_timed_again(monkeypatch, caplog):
+    """A CPU share below CONTENDED_SHARE (other work held the cores) warns, and the next plan retimes it."""
+    from medseg3d.plans import timing
+
+    fp = synthetic_fingerprint(spacing=(1.0, 1.0, 1.0), shape=(12, 12, 12), n_cases=5)
+    plans = plan_from_fingerprint(fp, gpu_memory_gb=8.0, configs=["3d_fullres"])
+    monkeypatch.setattr(timing, "_runtime_defaults", lambda device, dims: (None, False, "fp32"))
+    monkeypatch.setattr(timing, "time_width", lambda *a, **k: (0.01, 0.004, 0.4))
+    with caplog.at_level("WARNING", logger="medseg3d.plans.timing"):
+        busy = timing.time_budget_entry(plans, "3d_fullres", 1e9, 5, torch.device("cpu"))
+    assert [t["cpu_share"] for t in busy["measured"]] == [0.4, 0.4, 0.4]
+    assert "busy with other work" in caplog.text and "re-plan on a quiet machine" in caplog.text
+    calls = []
+    monkeypatch.setattr(timing, "time_width", lambda *a, **k: calls.append(1) or (0.005, 0.002, 0.97))
+    quiet = timing.time_budget_entry(plans, "3d_fullres", 1e9, 5, torch.device("cpu"), busy)
+    assert len(calls) == 3 and [t["seconds_per_iteration"] for t in quiet["measured"]] == [0.005] * 3
+    monkeypatch.setattr(timing, "time_width", lambda *a, **k: pytest.fail("timed again"))
+    assert timing.time_budget_entry(plans, "3d_fullres", 1e9, 5, torch.device("cpu"), quiet) == quiet
 
 
 def run_cli(argv, capsys):
@@ -253,8 +275,11 @@ def run_cli(argv, capsys):
     return exc.value.code or 0, out.out + out.err
 
 
-def test_plan_time_budget_then_train_honours_it(tmp_path, capsys):
+def test_plan_time_budget_then_train_honours_it(tmp_path, capsys, monkeypatch):
     """`plan --time-budget 2m` on the shipped data, then a 20 s `train`: it stops and validates (CPU)."""
+    from medseg3d.plans import timing
+
+    monkeypatch.setattr(timing, "CONTENDED_SHARE", 0.0)  # the re-plan below reuses the timings on a busy machine too
     work = tmp_path / "work"
     code, out = run_cli(["plan", str(SHIPPED), "-o", str(work), "--configs", "3d_fullres", "-j", "1",
                          "--time-budget", "2m"], capsys)

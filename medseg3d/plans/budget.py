@@ -105,7 +105,8 @@ class WidthTiming:
     `seconds_per_iteration`: one forward + backward + optimiser step at the plan's patch and batch
     (median after a warm-up); `seconds_per_forward`: one forward pass of that batch without
     gradients (validation batches; divided by the batch, one sliding window). Both None when the
-    width was not measured (`skipped` says why).
+    width was not measured (`skipped` says why). `cpu_share`: on a CPU, how much of its threads' time
+    the timing process got (about 1 on a quiet machine; `plans.timing.CONTENDED_SHARE`).
     """
 
     width: str
@@ -113,6 +114,7 @@ class WidthTiming:
     seconds_per_iteration: float | None = None
     seconds_per_forward: float | None = None
     skipped: str | None = None
+    cpu_share: float | None = None  # CPU only: process CPU time / (wall x threads) while timing (plans.timing)
 
     @property
     def measured(self) -> bool:
@@ -125,7 +127,8 @@ class WidthTiming:
     def from_dict(cls, d: dict[str, Any]) -> WidthTiming:
         return cls(width=str(d["width"]), features=[int(f) for f in d["features"]],
                    seconds_per_iteration=_opt_float(d.get("seconds_per_iteration")),
-                   seconds_per_forward=_opt_float(d.get("seconds_per_forward")), skipped=d.get("skipped"))
+                   seconds_per_forward=_opt_float(d.get("seconds_per_forward")), skipped=d.get("skipped"),
+                   cpu_share=_opt_float(d.get("cpu_share")))
 
 
 @dataclass(frozen=True)

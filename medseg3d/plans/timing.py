@@ -9,7 +9,9 @@ final validation's sliding windows). Seconds per candidate, not minutes. A wider
 when, even at the narrower one's speed, the budget could not give it the fewest iterations any
 option needs (a wider network is never faster). The timings are stored in the plan with the device
 they were measured on and reused by a later `plan --time-budget` on the same device, so re-planning
-gives the same choice.
+gives the same choice. On a CPU the share of its threads' time the timing process got is stored too:
+timings taken while other work held the cores (`CONTENDED_SHARE`) are warned about and timed again
+by the next plan rather than reused.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Timed steps per candidate after one warm-up step (the median is kept).
 STEPS = 3
+#: Below this CPU share (`time_width`) the CPU was contended while timing: warned, and not reused later.
+CONTENDED_SHARE = 0.75
 
 
 def device_description(device: Any) -> str:
@@ -61,10 +66,13 @@ def _sync(device: Any) -> None:
 
 def time_width(arch: str, network_kwargs: dict[str, Any], batch: int, in_channels: int, num_classes: int,
                device: Any, amp_dtype: Any, channels_last: bool, steps: int = STEPS) -> tuple[float, float]:
-    """(seconds per training iteration, seconds per no-grad forward of the batch) of one network.
+    """(seconds per training iteration, seconds per no-grad forward of the batch, CPU share) of one network.
 
     network_kwargs: `build_network`'s dims, strides, kernel_sizes, features, patch_size, options.
-    Each is the median of `steps` timed runs after one warm-up, on random data `(batch, C, *patch)`.
+    Each time is the median of `steps` timed runs after one warm-up, on random data `(batch, C, *patch)`.
+    CPU share (CPU only, else None): the process's CPU seconds over wall seconds x torch threads during
+    the timed runs, about 1 on a quiet machine; lower when other work took the cores (the times are
+    then slow).
     """
     import torch
 
@@ -101,18 +109,28 @@ def time_width(arch: str, network_kwargs: dict[str, Any], batch: int, in_channel
         with autocast():
             net(x)
 
+    used = [0.0, 0.0]  # process CPU seconds, wall seconds of the timed calls
+
     def timed(fn: Any) -> float:
         times = []
         for i in range(steps + 1):
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
             if i:  # the first call is the warm-up (kernel selection, allocator)
                 times.append(time.perf_counter() - t)
+                used[0] += time.process_time() - c
+                used[1] += times[-1]
         return float(statistics.median(times))
 
-    return timed(step), timed(forward)
+    s_it, s_fwd = timed(step), timed(forward)
+    share = None
+    if device.type == "cpu" and used[1] > 0:
+        threads = max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                             else (os.cpu_count() or 1)))
+        share = min(1.0, used[0] / (used[1] * threads))
+    return s_it, s_fwd, share
 
 
 def budget_facts(view: Any, n_cases: int) -> bud.BudgetFacts:
@@ -173,8 +191,9 @@ def time_budget_entry(plans: Plans, config_name: str, budget_s: float, n_cases: 
         feats = bud.scaled_features(view.features, div)
         name = bud.width_name(div)
         old = cached.get(tuple(feats))
-        if old is not None and old.measured:
-            timing = bud.WidthTiming(name, feats, old.seconds_per_iteration, old.seconds_per_forward)
+        if old is not None and old.measured and (old.cpu_share is None or old.cpu_share >= CONTENDED_SHARE):
+            timing = bud.WidthTiming(name, feats, old.seconds_per_iteration, old.seconds_per_forward,
+                                     cpu_share=old.cpu_share)
             log.info("%s %s width %s: %.3f s per iteration (timed before on %s, reused)", config_name, name,
                      "-".join(map(str, feats)), timing.seconds_per_iteration, key["device_name"])
         elif fastest is not None and budget_s / fastest < least:
@@ -183,9 +202,15 @@ def time_budget_entry(plans: Plans, config_name: str, budget_s: float, n_cases: 
         else:
             kwargs = {**view.network_kwargs(), "features": feats, "options": options}
             t0 = time.perf_counter()
-            s_it, s_fwd = time_width(arch, kwargs, facts.batch_size, in_channels, plans.num_classes, device,
-                                     amp_dtype, channels_last)
-            timing = bud.WidthTiming(name, feats, round(s_it, 5), round(s_fwd, 5))
+            s_it, s_fwd, share = time_width(arch, kwargs, facts.batch_size, in_channels, plans.num_classes, device,
+                                            amp_dtype, channels_last)
+            timing = bud.WidthTiming(name, feats, round(s_it, 5), round(s_fwd, 5),
+                                     cpu_share=None if share is None else round(share, 3))
+            if share is not None and share < CONTENDED_SHARE:
+                log.warning("%s %s width: the CPU was busy with other work while timing (this process got %.0f%% of "
+                            "its threads' time): the timings are slow and the schedule short. `train` re-estimates "
+                            "after its first epochs; for a plan that fits, re-plan on a quiet machine (timings "
+                            "measured under contention are not reused)", config_name, name, 100 * share)
             log.info("%s %s width %s: %.3f s per iteration, %.3f s per forward (timed in %.1f s on %s)",
                      config_name, name, "-".join(map(str, feats)), s_it, s_fwd, time.perf_counter() - t0,
                      key["device_name"])
