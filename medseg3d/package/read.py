@@ -1,35 +1,15 @@
-"""Model packages: one zip holding everything `predict` needs, with no pickle inside.
+"""Reading and verifying a model package: the manifest, every member's sha256, the plan, the folds.
 
-Layout (docs/inference.md, "Model packages"):
-
-    medseg3d_package.json          manifest: format, format_version, medseg3d_version, created (UTC),
-                                   configuration, architecture, checkpoint, folds, labels, channel_names,
-                                   plan_hash, and `members`: name -> {sha256, bytes} of every other member
-    plans.json                     the WORK_DIR's plans.json, byte for byte
-    labels.json                    {"labels": {"0": "background", ...}, "channel_names": [...], "dataset_name"}
-    postprocessing.json            only when the model folder has one
-    fold_<K>/weights.safetensors   the fold's state_dict (safetensors: tensors only, no code)
-    fold_<K>/checkpoint.json       the checkpoint's plain metadata (network_kwargs, plan_hash, plan_identity, ...)
-    fold_<K>/network.onnx          only with `--format onnx`: the network as ONNX (dynamic batch, the plan's patch)
-    fold_<K>/network.xml, .bin     only with `--format openvino`: the same network as OpenVINO IR (float32)
-
-Reading checks, in this order: a readable zip, a manifest of this format, a known format version,
-exactly the listed members, each member's sha256, then (per fold) the checkpoint checks of
-`inference.checkpoint.check_checkpoint` against the packaged plan. The sha256 catches damage and
-edits after export; it is not a signature (whoever can rewrite a member can rewrite the manifest),
-but no member can run code: weights are safetensors and the rest is JSON.
-"""
+Layout and checks: `medseg3d.package`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,164 +18,26 @@ from medseg3d.errors import (
     CheckpointError,
     ConfigError,
     InputError,
-    OutputExistsError,
     PackageError,
     PlanError,
 )
-from medseg3d.io.atomic import atomic_path
+from medseg3d.package import (
+    _REEXPORT,
+    LABELS,
+    MANIFEST,
+    NETWORK_FORMATS,
+    PACKAGE_FORMAT,
+    PACKAGE_VERSION,
+    PLANS,
+    POSTPROCESSING,
+    _sha256,
+    metadata_member,
+    weights_member,
+)
 from medseg3d.paths import model_dir_of
 from medseg3d.plans.schema import SCHEMA_VERSION, Plans
 
 log = logging.getLogger(__name__)
-
-PACKAGE_FORMAT = "medseg3d-model-package"
-#: The package layout this medseg3d writes and reads.
-PACKAGE_VERSION = 1
-MANIFEST = "medseg3d_package.json"
-PLANS = "plans.json"
-LABELS = "labels.json"
-POSTPROCESSING = "postprocessing.json"
-#: Checkpoint kinds a package may hold (`latest` is a training artefact).
-EXPORT_CHECKPOINTS = ("final", "best")
-#: Checkpoint keys copied into `checkpoint.json` when present (plain data; never optimizer, rng or log).
-METADATA_KEYS = ("format_version", "plan_hash", "plan_identity", "configuration", "architecture", "network_kwargs",
-                 "in_channels", "num_classes", "fold", "patch_size", "epoch", "train_config")
-
-_REEXPORT = "re-export it (`medseg3d export WORK_DIR -o FILE.zip`) or copy an intact one"
-
-
-def weights_member(fold: int | str) -> str:
-    """`fold_<K>/weights.safetensors`."""
-    return f"fold_{fold}/weights.safetensors"
-
-
-def metadata_member(fold: int | str) -> str:
-    """`fold_<K>/checkpoint.json`."""
-    return f"fold_{fold}/checkpoint.json"
-
-
-#: `export --format` values and the per-fold members (`fold_<K>/NAME`) each adds; `inference.backends` runs them.
-NETWORK_FORMATS = {"onnx": ("network.onnx",), "openvino": ("network.xml", "network.bin")}
-
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _checkpoint_metadata(ckpt: dict[str, Any], fold: int | str, checkpoint: str) -> dict[str, Any]:
-    """The JSON-able metadata of a checkpoint (`METADATA_KEYS`), plus the fold and the checkpoint kind."""
-    meta: dict[str, Any] = {}
-    for key in METADATA_KEYS:
-        if key not in ckpt:
-            continue
-        try:
-            json.dumps(ckpt[key])
-        except (TypeError, ValueError):
-            log.warning("checkpoint key %r of fold %s is not plain data; left out of the package", key, fold)
-            continue
-        meta[key] = ckpt[key]
-    meta["fold"] = fold
-    meta["checkpoint"] = checkpoint
-    return meta
-
-
-def _safetensors_bytes(state_dict: dict[str, Any]) -> bytes:
-    """A state_dict as safetensors bytes (each tensor copied contiguous on the CPU: no shared storage)."""
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, metadata={"format": "pt"})
-
-
-def write_package(
-    work_dir: str | Path,
-    output: str | Path,
-    *,
-    config: str = "3d_fullres",
-    arch: str | None = None,
-    folds: list[int | str] | None = None,
-    checkpoint: str = "final",
-    overwrite: bool = False,
-    formats: list[str] | None = None,
-) -> dict[str, Any]:
-    """Write the model `WORK_DIR/results/<config>/<arch>` (the chosen folds' `checkpoint_<checkpoint>.pt`)
-    as one zip at `output`, atomically (temp file + rename). Returns the manifest.
-
-    `formats`: exported networks to add per fold (`NETWORK_FORMATS`: `onnx`, `openvino`), for
-    `predict --backend onnxruntime|openvino`; the safetensors weights are always there.
-
-    Every checkpoint is checked against plans.json first (`load_checkpoint`), as `predict` would.
-    `OutputExistsError` when `output` exists and not `overwrite`.
-    """
-    from medseg3d.inference.folder import load_fold_checkpoint, select_folds
-    from medseg3d.postprocess import load_postprocessing
-
-    work_dir, output = Path(work_dir), Path(output)
-    if checkpoint not in EXPORT_CHECKPOINTS:
-        raise InputError(f"--checkpoint {checkpoint!r} cannot be exported; use one of {', '.join(EXPORT_CHECKPOINTS)}")
-    if output.suffix != ".zip":
-        raise InputError(f"-o {output}: a model package is a .zip file; name it e.g. {output.with_suffix('.zip').name}")
-    if output.exists() and not overwrite:  # before any work (atomic_path checks again when renaming)
-        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
-    formats = list(dict.fromkeys(formats or []))
-    unknown = [f for f in formats if f not in NETWORK_FORMATS]
-    if unknown:
-        raise InputError(f"--format {', '.join(unknown)} is not one of {', '.join(NETWORK_FORMATS)}")
-    if "openvino" in formats:
-        from medseg3d.inference.onnx_export import import_openvino
-
-        import_openvino()  # not installed: refused before any work
-    plans = Plans.load(work_dir)
-    arch = arch or plans.configuration(config).architecture
-    folds = select_folds(work_dir, config, arch, folds, checkpoint)
-    identity = plans.network_identity(config, arch)
-    members: dict[str, bytes] = {PLANS: (work_dir / PLANS).read_bytes(), LABELS: _json_bytes({
-        "labels": plans.raw["labels"], "channel_names": plans.channel_names, "dataset_name": plans.dataset_name})}
-    mdir = model_dir_of(work_dir, config, arch)
-    postprocessing = load_postprocessing(mdir)
-    if postprocessing is not None:
-        members[POSTPROCESSING] = (mdir / POSTPROCESSING).read_bytes()
-    for fold in folds:
-        ckpt = load_fold_checkpoint(work_dir, config, arch, fold, checkpoint, identity, plans.file_hash)
-        members[metadata_member(fold)] = _json_bytes(_checkpoint_metadata(ckpt, fold, checkpoint))
-        members[weights_member(fold)] = _safetensors_bytes(ckpt["model"])
-        if formats:
-            from medseg3d.inference.checkpoint import build_model_from_checkpoint
-            from medseg3d.inference.onnx_export import network_members
-
-            patch = plans.configuration(config).for_architecture(arch).patch_size
-            exported = network_members(build_model_from_checkpoint(ckpt), formats, plans.num_channels, patch,
-                                       name=f"fold {fold}")
-            members.update({f"fold_{fold}/{name}": data for name, data in exported.items()})
-        del ckpt
-    manifest = {
-        "format": PACKAGE_FORMAT,
-        "format_version": PACKAGE_VERSION,
-        "medseg3d_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "configuration": config,
-        "architecture": arch,
-        "checkpoint": checkpoint,
-        "folds": folds,
-        "dataset_name": plans.dataset_name,
-        "labels": plans.raw["labels"],
-        "channel_names": plans.channel_names,
-        "plan_hash": plans.network_hash(config, arch),
-        "postprocessing": postprocessing is not None,
-        "network_formats": formats,
-        "members": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in members.items()},
-    }
-    with atomic_path(output, overwrite=overwrite) as tmp, zipfile.ZipFile(tmp, "w") as zf:
-        zf.writestr(MANIFEST, _json_bytes(manifest), compress_type=zipfile.ZIP_DEFLATED)
-        for name, data in members.items():  # weights barely compress: stored, so reading them is a copy
-            kind = zipfile.ZIP_STORED if name.endswith((".safetensors", ".onnx", ".bin")) else zipfile.ZIP_DEFLATED
-            zf.writestr(name, data, compress_type=kind)
-    log.info("exported %s/%s folds %s (checkpoint_%s) to %s", config, arch, folds, checkpoint, output)
-    return manifest
 
 
 def _read(zf: zipfile.ZipFile, path: Path, name: str) -> bytes:
@@ -440,51 +282,3 @@ def is_package(path: str | Path) -> bool:
     path = Path(path)
     return path.suffix.lower() == ".zip" or path.is_file()
 
-
-def predict_package(
-    package: str | Path,
-    input_path: str | Path,
-    output_dir: str | Path,
-    *,
-    config: str | None = None,
-    arch: str | None = None,
-    folds: list[int | str] | None = None,
-    checkpoint: str | None = None,
-    **kwargs: Any,
-) -> Any:
-    """`predict_folder` with the networks, plan and postprocessing of a model package (no WORK_DIR).
-
-    The plan and postprocessing are laid out in a temporary WORK_DIR and the fold networks passed
-    in, so the output is bit-for-bit that of `predict -m WORK_DIR`. Returns `PredictSummary`.
-    """
-    from medseg3d.inference.backends import to_backend
-    from medseg3d.inference.folder import predict_folder
-
-    pkg = open_package(package)
-    pkg.check_selection(config, arch, checkpoint)
-    backend = _package_backend(pkg, folds, kwargs)
-    models = to_backend(pkg.load_models(folds), backend, in_channels=pkg.plans.num_channels,
-                        patch_size=pkg.plans.configuration(pkg.configuration).for_architecture(pkg.architecture).patch_size,
-                        folds=pkg.select_folds(folds), exported=pkg.network_members, source=str(pkg.path))
-    with tempfile.TemporaryDirectory(prefix="medseg3d_package_") as tmp:
-        work_dir = pkg.write_work_dir(Path(tmp))
-        return predict_folder(work_dir, input_path, output_dir, config=pkg.configuration, arch=pkg.architecture,
-                              models=models, **{**kwargs, "backend": backend})
-
-
-def _package_backend(pkg: ModelPackage, folds: list[int | str] | None, kwargs: dict[str, Any]) -> str:
-    """The backend `predict_package` runs (`kwargs`: predict_folder's backend, device, precision):
-    `auto` keeps torch when a fold lacks the exported network the backend it would pick runs."""
-    from medseg3d.device import resolve_device
-    from medseg3d.inference.backends import resolve_backend
-    from medseg3d.inference.predictor import resolve_amp
-
-    requested = kwargs.get("backend", "auto")
-    dev = resolve_device(kwargs.get("device", "auto"))
-    backend = resolve_backend(requested, dev, resolve_amp(kwargs.get("precision", "auto"), dev))
-    if requested == "auto" and backend != "torch":
-        runs = ("network.onnx",) if backend == "onnxruntime" else ("network.onnx", "network.xml")
-        if not all(any(f"fold_{f}/{n}" in pkg.manifest["members"] for n in runs) for f in pkg.select_folds(folds)):
-            log.info("model package %s holds no exported network; --backend auto runs torch", pkg.path)
-            return "torch"
-    return backend
