@@ -17,8 +17,8 @@ the order alternating between repetitions (`benchmarks/_fair.py`), with and with
 Weights: medseg3d's 3d_fullres unet of the shipped hippocampus_mini plan (patch 40x56x40, 32-256
 features) randomly initialised, and nnU-Net's PlainConvUNet of the same topology (as
 `bench_predict.py`: speed does not depend on the weights); with `--trained`, medseg3d's tools run
-that WORK_DIR's fold 0 (`checkpoint_final.pt`) and nnU-Net keeps the random network of the same
-topology (its predictor cannot load medseg3d's weights). s/case: the tool's prediction loop (reading,
+that WORK_DIR's fold 0 (`checkpoint_final.pt`) and nnU-Net a random network of that checkpoint's
+topology (features, strides, kernels, patch; its predictor cannot load medseg3d's weights). s/case: the tool's prediction loop (reading,
 preprocessing, windows, export, writing; medseg3d's includes loading the checkpoint and creating the
 backend's session from the cached ONNX export, which is made once before the timed runs,
 `first_export_s`) divided by the cases; `process_wall_s` adds interpreter start and imports. Ratios: nnU-Net / tool of the medians (> 1: faster than nnU-Net) and torch / backend.
@@ -109,13 +109,23 @@ def setup(bench: Path, n_cases: int, trained: Path | None) -> dict:
         os.symlink(f, med_in / f.name)
         os.symlink(f, nn_in / f.name.replace(".nii.gz", "_0000.nii.gz"))
     cfg = json.loads((wd / "plans.json").read_text())["configurations"]["3d_fullres"]
+    if trained is not None:  # nnU-Net's random network gets the trained one's topology, patch and spacing
+        import torch
+
+        cfg = json.loads((trained / "plans.json").read_text())["configurations"]["3d_fullres"]
+        ckpt = torch.load(trained / "results" / "3d_fullres" / "unet" / "fold_0" / "checkpoint_final.pt",
+                          map_location="cpu", weights_only=True)
+        kw = ckpt["network_kwargs"]
+        cfg = {**cfg, "features": kw["features"], "strides": kw["strides"], "kernel_sizes": kw["kernel_sizes"],
+               "patch_size": kw["patch_size"]}
     (bench / "nnunet_plans.json").write_text(json.dumps(nnunet_plans_from(cfg, "Dataset992_Backends")))
     (bench / "nnunet_dataset.json").write_text(json.dumps({
         "channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
         "numTraining": 0, "file_ending": ".nii.gz"}))
     return {"work_dir": str(trained or wd), "med_in": str(med_in), "nn_in": str(nn_in), "cases": [f.name for f in files],
             "random_params": params, "patch": cfg["patch_size"], "features": cfg["features"],
-            "weights": f"trained ({trained})" if trained else "random (seed 0), same topology for nnU-Net"}
+            "weights": f"trained ({trained}); nnU-Net random with its topology" if trained
+            else "random (seed 0), same topology for nnU-Net"}
 
 
 def warm_exports(work_dir: str, backends: list[str]) -> dict[str, float]:
