@@ -305,6 +305,8 @@ def main() -> None:
             tools.append(("nnunet", "nnunet", {**base, "input": info["nn_in"], "output": str(bench / f"o_nn_{t}"),
                                                "nnunet_plans": str(bench / "nnunet_plans.json"),
                                                "nnunet_dataset_json": str(bench / "nnunet_dataset.json")}))
+        for _, _, spec in tools:  # no outputs of an earlier run (other cases) in the scored folders
+            shutil.rmtree(spec["output"], ignore_errors=True)
         rows[t] = timed(tools, args.reps, bench, t, args.threads)
     report["timed"] = rows
     if "torch" in backends:

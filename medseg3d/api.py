@@ -39,6 +39,9 @@ class Segmenter:
         step: sliding-window step as a fraction of the patch.
         precision: `auto`, `fp32`, `bf16` or `fp16` (as `predict --precision`).
         batch_size: network inputs per forward pass (None: from the patch size).
+        backend: `auto`, `torch`, `onnxruntime` or `openvino` (as `predict --backend`: `auto` runs
+            OpenVINO on the CPU where it is installed, else torch), so a Segmenter gives what
+            `predict` writes.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class Segmenter:
         step: float = 0.5,
         precision: str = "auto",
         batch_size: int | None = None,
+        backend: str = "auto",
     ) -> None:
         from medseg3d.device import resolve_device
         from medseg3d.package import is_package
@@ -70,6 +74,8 @@ class Segmenter:
             self.plans, self.config, self.arch = pkg.plans, pkg.configuration, pkg.architecture
             self.models = pkg.load_models(folds)
             self.postprocessing = pkg.postprocessing
+            exported = (lambda f: pkg.network_members(f) or None) if backend == "auto" else pkg.network_members
+            model_folds = pkg.select_folds(folds)
         else:
             from medseg3d.inference.folder import load_fold_models
             from medseg3d.paths import model_dir_of
@@ -83,8 +89,26 @@ class Segmenter:
             self.models = load_fold_models(self.source, self.config, self.arch, folds, checkpoint,
                                            self.plans.network_identity(self.config, self.arch), self.plans.file_hash)
             self.postprocessing = load_postprocessing(model_dir_of(self.source, self.config, self.arch))
+            exported, model_folds = None, folds
         self.device = resolve_device(device)
         self.models = [m.to(self.device).eval() for m in self.models]
+        from medseg3d.inference.backends import (
+            OnnxRuntimeNetwork,
+            OpenVinoNetwork,
+            resolve_backend,
+            to_backend,
+        )
+        from medseg3d.inference.predictor import resolve_amp
+
+        self.backend = resolve_backend(backend, self.device, resolve_amp(precision, self.device), precision)
+        if self.backend != "torch":
+            view = self.plans.configuration(self.config).for_architecture(self.arch)
+            self.models = to_backend(self.models, self.backend, in_channels=self.plans.num_channels,
+                                     patch_size=view.patch_size, folds=model_folds, exported=exported,
+                                     source=str(self.source), required=backend != "auto")
+            if not all(isinstance(m, OnnxRuntimeNetwork | OpenVinoNetwork) for m in self.models):
+                self.backend = "torch"  # `auto`: a network that did not export keeps every fold on torch
+        precision = "fp32" if self.backend != "torch" else precision  # the other backends run float32
         self.tta, self.step, self.precision, self.batch_size = tta, step, precision, batch_size
 
     @property

@@ -158,7 +158,7 @@ def test_a_package_without_the_network_is_refused_with_the_export_command(traine
     assert code == 2 and "Traceback" not in text, text
     assert "holds no exported network for fold 0" in text and "--format onnx" in text
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
-    # auto falls back to torch on the same package
+    # auto runs on the same package: its default backend exports the network on the fly, as for a WORK_DIR
     code, text = cli(["predict", "-m", str(plain), "-i", str(SHIPPED / "imagesTs"), "-o", str(tmp_path / "a"),
                       "--device", "cpu", "--backend", "auto", "--no-tta"], capsys)
     assert code == 0 and len(list((tmp_path / "a").glob("*.nii.gz"))) == len(CASES), text
@@ -170,12 +170,21 @@ def test_backend_choices_are_checked_before_any_work(tmp_path, capsys, monkeypat
     with pytest.raises(InputError, match="runs on the CPU; pass --device cpu"):
         resolve_backend("onnxruntime", torch.device("cuda"), None)
     assert resolve_backend("auto", torch.device("cuda"), torch.float16) == "torch"
-    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"  # only torch runs bf16
+    # bf16 asked for by name: only torch runs it
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16, "bf16") == "torch"
+    from importlib.util import find_spec
+
     from medseg3d.inference import backends
 
+    default = "openvino" if find_spec("openvino") is not None else "torch"  # measured fastest; optional extra
+    assert backends.CPU_AUTO_ORDER == ("openvino",)
+    assert resolve_backend("auto", torch.device("cpu"), None) == default
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16, "auto") == default  # beat torch's bf16 too
     monkeypatch.setattr(backends, "CPU_AUTO_ORDER", ("not_installed", "onnxruntime"))
-    assert resolve_backend("auto", torch.device("cpu"), None) == "onnxruntime"  # the first installed one, fp32 only
-    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
+    assert resolve_backend("auto", torch.device("cpu"), None) == "onnxruntime"  # the first installed one
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16, "bf16") == "torch"
+    monkeypatch.setattr(backends, "import_onnxruntime", lambda: (_ for _ in ()).throw(OSError("broken install")))
+    assert resolve_backend("auto", torch.device("cpu"), None) == "torch"  # a broken install falls back
     code, text = cli(["export", str(tmp_path), "-o", str(tmp_path / "m.zip"), "--format", "tflite"], capsys)
     assert code == 2 and "--format tflite is not one of onnx, openvino" in text
 

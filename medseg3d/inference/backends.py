@@ -15,8 +15,10 @@ checkpoint, an export made when the command starts (`onnx_export.export_onnx`, a
 fold) and kept in the user's cache (`cached_export`: `~/.cache/medseg3d/onnx/`, keyed by the
 weights), so the next predict with the same checkpoint starts at once.
 
-`--backend auto` (the default) picks `CPU_AUTO_ORDER`'s first installed backend on the CPU when the
-precision is float32, else torch (CUDA, or bf16/fp16 autocast, which only torch runs).
+`--backend auto` (the default) picks `CPU_AUTO_ORDER`'s first installed backend on the CPU (float32)
+unless bf16/fp16 was asked for by name (`--precision bf16|fp16`, which only torch runs); on CUDA,
+torch. On the CPU `--precision auto` does not keep torch: OpenVINO in float32 was measured faster than
+torch's bf16 autocast too, and agrees with torch float32 where bf16 does not (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
-#: Backends `auto` tries, in order, for float32 prediction on the CPU; empty = torch. Only a backend
+#: Backends `auto` tries, in order, for prediction on the CPU; none installed = torch. Only a backend
 #: measured faster than torch and agreeing with it (probabilities to 1e-3, identical labels) on the
-#: held-out hippocampus cases goes here (docs/benchmarks.md, "Network backends").
-CPU_AUTO_ORDER: tuple[str, ...] = ()
+#: held-out hippocampus cases goes here (docs/benchmarks.md, "Network backends": OpenVINO 1.46x torch
+#: float32 and 1.31x torch bf16 with TTA, largest probability difference 2.9e-6, no label differs;
+#: onnxruntime was slower than torch, so it is not here).
+CPU_AUTO_ORDER: tuple[str, ...] = ("openvino",)
 
 
 class OnnxRuntimeNetwork(nn.Module):
@@ -158,9 +162,11 @@ def installed_backends() -> list[str]:
     return ["torch", *(b for b in ("onnxruntime", "openvino") if find_spec(b) is not None)]
 
 
-def resolve_backend(backend: str, device: torch.device, amp_dtype: torch.dtype | None) -> str:
+def resolve_backend(backend: str, device: torch.device, amp_dtype: torch.dtype | None,
+                    precision: str = "auto") -> str:
     """`backend` (auto|torch|onnxruntime|openvino) as the one that will run; `amp_dtype` is the
-    resolved autocast dtype (`predictor.resolve_amp`), None for float32.
+    resolved autocast dtype (`predictor.resolve_amp`), None for float32; `precision` the requested
+    one (`--precision`: auto keeps `auto`'s CPU backend, an explicit bf16/fp16 keeps torch).
 
     InputError for an unknown name, or onnxruntime/openvino asked for on a non-CPU device;
     BackendError when the requested package is not installed.
@@ -168,10 +174,18 @@ def resolve_backend(backend: str, device: torch.device, amp_dtype: torch.dtype |
     if backend not in BACKENDS:
         raise InputError(f"unknown --backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if device.type != "cpu" or amp_dtype is not None:
+        if device.type != "cpu" or (amp_dtype is not None and precision != "auto"):
             return "torch"
         have = installed_backends() if CPU_AUTO_ORDER else []
-        return next((b for b in CPU_AUTO_ORDER if b in have), "torch")
+        for chosen in (b for b in CPU_AUTO_ORDER if b in have):
+            try:
+                {"onnxruntime": import_onnxruntime, "openvino": import_openvino}[chosen]()
+            except Exception as exc:  # a broken install: auto falls back rather than failing
+                log.warning("--backend auto: %s is installed but does not import (%s); trying the next", chosen, exc)
+                continue
+            log.info("--backend auto: %s runs the networks on the CPU in float32 (--backend torch for torch)", chosen)
+            return chosen
+        return "torch"
     if backend != "torch" and device.type != "cpu":
         raise InputError(f"--backend {backend} runs on the CPU; pass --device cpu (or --backend torch on {device})")
     if backend == "onnxruntime":

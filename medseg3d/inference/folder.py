@@ -184,7 +184,9 @@ def predict_folder(
     from medseg3d.inference.backends import resolve_backend, to_backend
     from medseg3d.inference.predictor import resolve_amp
 
-    runs_on = resolve_backend(backend, dev, resolve_amp(precision, dev))  # an unusable backend fails before any work
+    runs_on = resolve_backend(backend, dev, resolve_amp(precision, dev), precision)  # an unusable backend fails before any work
+    if runs_on != "torch":
+        precision = "fp32"  # the other backends run float32; no autocast around them
     if models is None and folds is not None:  # a mistyped fold is reported before any work
         have = available_folds(model_dir_of(work_dir, config, arch), checkpoint)
         if any(f not in have for f in folds):
