@@ -64,9 +64,11 @@ def train_one(config: str, args: argparse.Namespace, work: Path) -> dict:
            "train_process_s": train["seconds"], "peak_rss_mb": train["peak_rss_mb"]}
     if train["returncode"]:
         return row | {"error": f"train failed (exit {train['returncode']}), see {args.out / f'{config}_train.log'}"}
-    with open(fold_dir / "metrics.csv") as fh:
-        epochs = [float(r["epoch_time_s"]) for r in csv.DictReader(fh)]
-    return row | {"epochs": len(epochs), "s_per_iteration": statistics.median(epochs) / 50}
+    with open(fold_dir / "metrics.csv") as fh:  # a budget-cut last epoch has fewer iterations (its own column)
+        rows = list(csv.DictReader(fh))
+    per_it = [float(r["epoch_time_s"]) / int(r.get("iterations") or 50) for r in rows]
+    return row | {"epochs": len(rows), "iterations": sum(int(r.get("iterations") or 50) for r in rows),
+                  "s_per_iteration": statistics.median(per_it)}
 
 
 def print_table(report: dict) -> None:

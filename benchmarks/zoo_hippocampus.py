@@ -107,10 +107,12 @@ def one(arch: str, args: argparse.Namespace, work: Path) -> dict:
 
     import torch
 
-    with open(fold_dir / "metrics.csv") as fh:
-        epochs = [float(r["epoch_time_s"]) for r in csv.DictReader(fh)]
+    with open(fold_dir / "metrics.csv") as fh:  # a budget-cut last epoch has fewer iterations (its own column)
+        rows = list(csv.DictReader(fh))
+    per_it = [float(r["epoch_time_s"]) / int(r.get("iterations") or 50) for r in rows]
     ckpt = torch.load(fold_dir / "checkpoint_final.pt", map_location="cpu", weights_only=True)
-    row.update(epochs=len(epochs), s_per_iteration=statistics.median(epochs) / 50,
+    row.update(epochs=len(rows), iterations=sum(int(r.get("iterations") or 50) for r in rows),
+               s_per_iteration=statistics.median(per_it),
                parameters=int(sum(v.numel() for v in ckpt["model"].values())),
                options=ckpt["network_kwargs"].get("options", {}))
     report = out / f"{arch}_evaluation.json"
