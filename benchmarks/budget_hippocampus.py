@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _fair import RULE, load_average, medseg3d_phases, run_logged, settle  # noqa: E402
-from e2e_hippocampus import NAME, prepare_nnunet_raw, score, train_one  # noqa: E402
+from e2e_hippocampus import NAME, prepare_nnunet_raw, run_env, score, train_one  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -131,10 +131,7 @@ def main() -> None:
     args.data = args.data.resolve()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "nnUNet_raw": str(out / "nnunet" / "raw"), "nnUNet_preprocessed": str(out / "nnunet" / "preprocessed"),
-           "nnUNet_results": str(out / "nnunet" / "results"), "nnUNet_n_proc_DA": "1", "nnUNet_compile": "f",
-           "COLUMNS": "160", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = run_env(out, args.threads)
     from medseg3d.data.splits import make_splits
     from medseg3d.io import load_dataset
 

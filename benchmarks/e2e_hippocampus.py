@@ -66,6 +66,16 @@ def prepare_nnunet_raw(data: Path, raw_root: Path, dataset_id: int = 4) -> str:
     return name
 
 
+def run_env(out: Path, threads: int) -> dict[str, str]:
+    """Environment of both tools' runs: `threads` BLAS/OpenMP threads, nnU-Net's folders under
+    `out/nnunet`, one augmentation worker, no compile; this interpreter's bin first on PATH (so
+    `nnUNetv2_plan_and_preprocess` is found without an activated venv)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "nnUNet_raw": str(out / "nnunet" / "raw"), "nnUNet_preprocessed": str(out / "nnunet" / "preprocessed"),
+            "nnUNet_results": str(out / "nnunet" / "results"), "nnUNet_n_proc_DA": "1", "nnUNet_compile": "f",
+            "COLUMNS": "160", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -92,10 +102,7 @@ def main() -> None:
     args.data = args.data.resolve()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "nnUNet_raw": str(out / "nnunet" / "raw"), "nnUNet_preprocessed": str(out / "nnunet" / "preprocessed"),
-           "nnUNet_results": str(out / "nnunet" / "results"), "nnUNet_n_proc_DA": "1", "nnUNet_compile": "f",
-           "COLUMNS": "160"}
+    env = run_env(out, args.threads)
     work = out / "medseg3d"
     from medseg3d.data.splits import make_splits
     from medseg3d.io import load_dataset
