@@ -198,3 +198,18 @@ def test_an_architecture_that_does_not_export_says_so(tmp_path):
     net = build_network("segnet", in_channels=1, num_classes=3, **kw)
     with pytest.raises(BackendError, match="cannot be exported to ONNX .*--backend torch"):
         export_onnx(net, 1, kw["patch_size"], name="segnet")
+
+
+def test_segmenter_runs_the_backend_it_is_given(onnx_package, torch_out):
+    """`Segmenter(backend=...)` runs the package's ONNX network as `predict --backend` does: same labels."""
+    import nibabel as nib
+
+    from medseg3d import Segmenter
+
+    seg = Segmenter(onnx_package, device="cpu", precision="fp32", backend="onnxruntime")
+    assert seg.backend == "onnxruntime" and seg.precision == "fp32"
+    case = CASES[0]
+    got = np.asarray(seg(SHIPPED / "imagesTs" / f"{case}.nii.gz").dataobj)
+    expected = np.asarray(nib.load(torch_out / f"{case}.nii.gz").dataobj)
+    assert got.shape == expected.shape and (got != expected).mean() < 1e-3  # ties of a barely trained network
+    assert Segmenter(onnx_package, device="cpu").backend == "torch"  # auto: torch (CPU_AUTO_ORDER is empty)
