@@ -257,6 +257,13 @@ def test_time_budget_reestimates_after_warmup_and_guards_overrun():
     run.epoch = 30
     _fit_budget(tc, run, 99.0, [20.0, 2.0, 2.0, 2.0], 100, info, torch.device("cpu"))
     assert tc.epochs == 30                     # one more 2 s epoch would overrun
+    # the slowest recent epoch decides, not the mean: 10 s left, epochs of 8, 8 and 11 s (mean 9)
+    tc.epochs, run.epoch = 100, 40
+    _fit_budget(tc, run, 90.0, [20.0, 8.0, 8.0, 8.0, 8.0, 11.0], 100, info, torch.device("cpu"))
+    assert tc.epochs == 40
+    tc.epochs = 100
+    _fit_budget(tc, run, 85.0, [20.0, 8.0, 8.0, 8.0, 8.0, 11.0], 100, info, torch.device("cpu"))
+    assert tc.epochs == 100                    # 15 s left: one more 11 s epoch still fits
 
 
 def test_cpu_fp32_defaults_channels_last_and_compile_only_for_long_3d_runs():

@@ -302,10 +302,10 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
                          ", ".join(f"{n} {d:.3f}" for n, d in zip(labels, dice)) or "-",
                          "-" if state.ema_dice is None else f"{state.ema_dice:.4f}", lr, epoch_time,
                          100 * row["data_wait_fraction"])
-            epoch_times.append(epoch_time)
+            now = time.perf_counter()
+            epoch_times.append(now - t0)  # with the checkpoint and artefact writes: what the next epoch costs
             if tc.time_budget_s is not None:
-                _fit_budget(tc, state, time.perf_counter() - run_start, epoch_times, requested_epochs, info,
-                            device)
+                _fit_budget(tc, state, now - run_start, epoch_times, requested_epochs, info, device)
             if stop:
                 log.info("early stopping: no new best EMA pseudo-Dice for %d epochs", tc.early_stopping)
                 break
