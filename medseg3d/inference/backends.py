@@ -16,14 +16,23 @@ fold) and kept in the user's cache (`cached_export`: `~/.cache/medseg3d/onnx/`, 
 weights), so the next predict with the same checkpoint starts at once.
 
 `--backend auto` (the default) picks `CPU_AUTO_ORDER`'s first installed backend on the CPU (float32)
-unless bf16/fp16 was asked for by name (`--precision bf16|fp16`, which only torch runs); on CUDA,
-torch. The list is empty for now (see it), so auto runs torch.
+unless bf16/fp16 was asked for by name (`--precision bf16|fp16`, which only torch runs): OpenVINO
+where it is installed (`pip install "medseg3d[openvino]"`), else torch; on CUDA, torch.
+
+Fork safety: a forked child (DataLoader workers, evaluate's and the fingerprint's process pools) gets
+a copy of every onnxruntime/OpenVINO object alive in the parent but none of their executor threads;
+destroying such a copy there (a garbage collection in the worker) waits for those threads forever
+(`CPUStreamsExecutor::~CPUStreamsExecutor` in `pthread_cond_destroy`: seen as a hung or crashed test
+suite). `_keep_runtime_objects_in_child`, run after every fork in the child, therefore keeps them
+referenced for the child's life: a child never runs them, and it ends with `os._exit`, without
+destroying them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -50,13 +59,24 @@ __all__ = [
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 #: Backends `auto` tries, in order, for prediction on the CPU; empty or none installed = torch. Only a
 #: backend measured faster than torch and agreeing with it (probabilities to 1e-3, identical labels) on
-#: the held-out hippocampus cases goes here. OpenVINO passed that (docs/benchmarks.md, "Network
-#: backends": 1.46x torch float32, 1.31x torch bf16 with TTA, largest probability difference 2.9e-6)
-#: but is held back: with it as the default, the test suite's process segfaulted or hung once forked
-#: workers (DataLoader, evaluate's process pool) started after an OpenVINO session had run in it (fork
-#: after OpenVINO's threads exist). Until that is fixed (spawn, or OpenVINO in a child), `--backend
-#: openvino` is opt-in.
-CPU_AUTO_ORDER: tuple[str, ...] = ()
+#: the held-out hippocampus cases goes here: OpenVINO (docs/benchmarks.md, "Network backends": 1.46x
+#: torch float32, 1.31x torch bf16 with TTA, largest probability difference 2.9e-6). onnxruntime was
+#: slower than torch there, so it stays opt-in.
+CPU_AUTO_ORDER: tuple[str, ...] = ("openvino",)
+
+#: The onnxruntime/OpenVINO networks alive in this process (their sessions must outlive any fork of it).
+_LIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+#: In a forked child: the runtime objects inherited from the parent, never destroyed (see the module doc).
+_KEPT_IN_CHILD: list[object] = []
+
+
+def _keep_runtime_objects_in_child() -> None:
+    """`os.register_at_fork(after_in_child=...)`: hold every inherited session for the child's life."""
+    for net in list(_LIVE):
+        _KEPT_IN_CHILD.append(net.__dict__.copy())
+
+
+os.register_at_fork(after_in_child=_keep_runtime_objects_in_child)
 
 
 class OnnxRuntimeNetwork(nn.Module):
@@ -80,6 +100,7 @@ class OnnxRuntimeNetwork(nn.Module):
                                "re-export it with this medseg3d (`medseg3d export ... --format onnx`)") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.name = name
+        _LIVE.add(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -109,6 +130,7 @@ class OpenVinoNetwork(nn.Module):
                                "this medseg3d (`medseg3d export ... --format openvino`)") from exc
         self.request = self.compiled.create_infer_request()
         self.name = name
+        _LIVE.add(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()

@@ -185,8 +185,6 @@ def predict_folder(
     from medseg3d.inference.predictor import resolve_amp
 
     runs_on = resolve_backend(backend, dev, resolve_amp(precision, dev), precision)  # an unusable backend fails before any work
-    if runs_on != "torch":
-        precision = "fp32"  # the other backends run float32; no autocast around them
     if models is None and folds is not None:  # a mistyped fold is reported before any work
         have = available_folds(model_dir_of(work_dir, config, arch), checkpoint)
         if any(f not in have for f in folds):
@@ -217,6 +215,8 @@ def predict_folder(
     models = [m.to(dev).eval() for m in models]
     models = to_backend(models, runs_on, in_channels=plans.num_channels, source=str(work_dir),
                         patch_size=cfg.for_architecture(arch).patch_size, required=backend != "auto")
+    if getattr(models[0], "backend", "torch") != "torch":
+        precision = "fp32"  # the other backends run float32: no autocast around them (auto's torch fallback keeps it)
     prev_name = cfg.previous_stage
     if prev_name and previous_stage is None and previous_models is None:  # one command runs both stages
         previous_models = load_fold_models(work_dir, prev_name, arch, folds, checkpoint,
