@@ -263,7 +263,13 @@ def test_time_budget_reestimates_after_warmup_and_guards_overrun():
     assert tc.epochs == 40
     tc.epochs = 100
     _fit_budget(tc, run, 85.0, [20.0, 8.0, 8.0, 8.0, 8.0, 11.0], 100, info, torch.device("cpu"))
-    assert tc.epochs == 100                    # 15 s left: one more 11 s epoch still fits
+    assert tc.epochs == 41                     # 15 s left: one more 9 s epoch, so the schedule ends there
+    # a machine that slows part-way through shrinks the schedule rather than being cut at a high lr
+    tc.epochs, run.epoch, tc.time_budget_s = 40, 20, 1000.0
+    _fit_budget(tc, run, 500.0, [20.0] + [20.0] * 16 + [40.0, 40.0, 40.0], 100, info, torch.device("cpu"))
+    assert tc.epochs == 20 + int(500 / 40)     # 500 s left at 40 s per epoch
+    _fit_budget(tc, run, 500.0, [20.0] * 20, 100, info, torch.device("cpu"))
+    assert tc.epochs == 32                     # never grows back after the first epochs
 
 
 def test_cpu_fp32_defaults_channels_last_and_compile_only_for_long_3d_runs():

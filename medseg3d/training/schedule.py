@@ -42,10 +42,12 @@ def _fit_budget(tc: TrainConfig, state: st.RunState, elapsed: float, epoch_times
 
     Over the first three epochs of this invocation the number of epochs is re-estimated from the
     latest epoch's time (the first one carries warm-up: autocast kernels, worker start-up), never
-    beyond what was asked for; after that the run only stops early when one more epoch as slow as
-    the slowest of the last three would overrun the budget (a slower machine part-way through; the
-    mean let a 15-minute run end 6 s past its deadline with epochs of 35-52 s). `epoch_times`: wall
-    seconds per epoch including its validation batches and checkpoint writes.
+    beyond what was asked for. After that the count only shrinks: to what the mean of the last three
+    epochs fits in the time left (a machine that slows part-way through still ends its poly schedule
+    near lr 0 instead of being cut at a high lr), and to the epochs done when one more epoch as slow as
+    the slowest of the last three would overrun (the mean let a 15-minute run end 6 s past its
+    deadline with epochs of 35-52 s). `epoch_times`: wall seconds per epoch including its validation
+    batches and checkpoint writes.
     """
     budget = float(tc.time_budget_s or 0) - float(tc.time_reserve_s or 0)  # the final validation's reserve
     remaining = budget - elapsed
@@ -53,7 +55,9 @@ def _fit_budget(tc: TrainConfig, state: st.RunState, elapsed: float, epoch_times
         per_epoch = epoch_times[-1] if len(epoch_times) == 1 else float(np.mean(epoch_times[1:]))
         fit = min(requested_epochs, state.epoch + max(0, int(remaining / max(per_epoch, 1e-6))))
     else:
-        fit = state.epoch if remaining < max(epoch_times[-3:]) else tc.epochs
+        recent = epoch_times[-3:]
+        fit = state.epoch if remaining < max(recent) else \
+            min(tc.epochs, state.epoch + int(remaining / float(np.mean(recent))))
     t = torch.tensor([fit], device=device)
     if info.enabled:  # rank 0 decides, so every rank runs the same number of epochs
         torch.distributed.broadcast(t, 0)
