@@ -19,7 +19,7 @@ Task04 is still to be done):
    reach its optimiser's minimum (`MIN_ITERATIONS`) is chosen; when the plan's width with SGD holds
    nnU-Net's full 1000 epochs, the result is exactly nnU-Net's plan. When none reaches its minimum,
    the narrowest AdamW option is chosen and the reason says the budget is too short.
-3. Epochs: as many as fit (at most 1000); when fewer than `MIN_EPOCHS` would fit, the epochs are
+3. Epochs: as many as fit (at most 1000; an epoch costs the timed steps x `EPOCH_OVERHEAD`); when fewer than `MIN_EPOCHS` would fit, the epochs are
    shortened (fewer iterations each) so that `MIN_EPOCHS` do, which keeps the poly schedule and the
    `train --time-budget` cut (at most one epoch over) fine-grained.
 4. Patch and batch stay the plan's (sized for memory); no rule changes them yet.
@@ -36,7 +36,7 @@ from typing import Any
 from medseg3d.errors import ConfigError, PlanError
 
 #: Version of these rules, stored with each choice (a later rule change is visible in plans.json).
-RULES_VERSION = 2
+RULES_VERSION = 3
 #: nnU-Net's number of epochs; also the most any budget plan trains.
 NNUNET_EPOCHS = 1000
 #: Per optimiser: initial learning rate, training iterations and validation batches per epoch.
@@ -57,6 +57,11 @@ MIN_EPOCHS = 10
 #: Factor on the estimated final-validation time (reading, resampling, export are not in the estimate):
 #: measured actual / estimate 1.45 on Task04 and 1.63 on its thick-slice copy (15-minute budgets).
 VALIDATION_MARGIN = 2.0
+#: Factor from the timed steps (random data, no loader) to a real epoch's wall time (the augmentation
+#: worker shares the cores, plus validation batches' bookkeeping and checkpoint writes): measured on the
+#: 2-core CPU, median real epoch / timed epoch 1.06 (Task04, 15 min), 1.21 (thick-slice copy, 15 min),
+#: 1.25 (Task04, 60 min); not measured on a GPU.
+EPOCH_OVERHEAD = 1.2
 #: Folds of `splits.json`: a fold's final validation sees a fifth of the cases.
 FOLDS = 5
 
@@ -217,19 +222,25 @@ def validation_reserve(timing: WidthTiming, facts: BudgetFacts) -> float:
     return facts.validation_cases * facts.windows_per_case * facts.mirror_variants * per_window * VALIDATION_MARGIN
 
 
+def epoch_seconds(timing: WidthTiming, iterations: int, val_iterations: int) -> float:
+    """Expected wall seconds of one epoch: the timed steps x `EPOCH_OVERHEAD`."""
+    s_it, s_fwd = float(timing.seconds_per_iteration or 0.0), float(timing.seconds_per_forward or 0.0)
+    return (iterations * s_it + val_iterations * s_fwd) * EPOCH_OVERHEAD
+
+
 def schedule_for(timing: WidthTiming, optimizer: str, train_s: float) -> tuple[int, int, int]:
     """(epochs, iterations per epoch, validation batches per epoch) of `optimizer`'s schedule within
     `train_s` seconds at this width (rule 3): at most `NNUNET_EPOCHS`, at least one epoch of one iteration."""
     base = SCHEDULES[optimizer]
-    s_it, s_fwd = float(timing.seconds_per_iteration or 0.0), float(timing.seconds_per_forward or 0.0)
     its, val = int(base["iterations"]), int(base["val_iterations"])
-    epoch_s = its * s_it + val * s_fwd
-    epochs = int(max(0.0, train_s) // max(epoch_s, 1e-9))
+    train_s = max(0.0, train_s)
+    epochs = int(train_s // max(epoch_seconds(timing, its, val), 1e-9))
     if epochs < MIN_EPOCHS:  # short budget: shorter epochs, so that MIN_EPOCHS of them fit
         ratio = val / its
-        its = max(1, int(max(0.0, train_s) // (MIN_EPOCHS * max(s_it + ratio * s_fwd, 1e-9))))
+        per_iteration = epoch_seconds(timing, 1, 0) + ratio * epoch_seconds(timing, 0, 1)
+        its = max(1, int(train_s // (MIN_EPOCHS * max(per_iteration, 1e-9))))
         val = max(1, round(its * ratio))
-        epochs = int(max(0.0, train_s) // max(its * s_it + val * s_fwd, 1e-9))
+        epochs = int(train_s // max(epoch_seconds(timing, its, val), 1e-9))
     return max(1, min(NNUNET_EPOCHS, epochs)), its, val
 
 
@@ -284,7 +295,7 @@ def choose_budget_plan(timings: Sequence[WidthTiming], budget_s: float, facts: B
     if chosen is None:
         raise PlanError("no candidate network was timed; rerun `medseg3d plan --time-budget`")
     timing, opt, epochs, its, val, reserve, why = chosen
-    expected = epochs * (its * float(timing.seconds_per_iteration or 0) + val * float(timing.seconds_per_forward or 0))
+    expected = epochs * epoch_seconds(timing, its, val)
     reason = (f"{format_duration(budget_s)} budget, {format_duration(reserve)} reserved for the final validation "
               f"({facts.validation_cases} cases x {facts.windows_per_case} windows x {facts.mirror_variants} "
               f"mirrorings): {timing.width} width {'-'.join(map(str, timing.features))} with {opt} lr "
@@ -313,7 +324,7 @@ def replan_schedule(entry: dict[str, Any], budget_s: float, validation: bool = T
                         "`medseg3d plan DATA_DIR -o WORK_DIR --time-budget ...`")
     reserve = validation_reserve(timing, facts) if validation else 0.0
     epochs, its, val = schedule_for(timing, plan.optimizer, budget_s - reserve)
-    expected = epochs * (its * float(timing.seconds_per_iteration or 0) + val * float(timing.seconds_per_forward or 0))
+    expected = epochs * epoch_seconds(timing, its, val)
     reason = (f"{plan.width} width and {plan.optimizer} as planned for {format_duration(plan.budget_s)}; schedule "
               f"refitted to {format_duration(budget_s)}{'' if validation else ' without final validation'}: "
               f"{epochs} epochs x {its} iterations")

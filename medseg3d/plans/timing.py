@@ -196,7 +196,7 @@ def time_budget_entry(plans: Plans, config_name: str, budget_s: float, n_cases: 
                                      cpu_share=old.cpu_share)
             log.info("%s %s width %s: %.3f s per iteration (timed before on %s, reused)", config_name, name,
                      "-".join(map(str, feats)), timing.seconds_per_iteration, key["device_name"])
-        elif fastest is not None and budget_s / fastest < least:
+        elif fastest is not None and budget_s / (fastest * bud.EPOCH_OVERHEAD) < least:
             timing = bud.WidthTiming(name, feats, skipped=f"not timed: even at the narrower width's "
                                      f"{fastest:.3g} s per iteration the budget gives fewer than {least:,}")
         else:
