@@ -104,6 +104,19 @@ def test_cascade_trains_on_the_lowres_predictions_and_predicts_in_one_command(ca
         b = nib.load(given / f"{case}.nii.gz")
         assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
         assert np.allclose(a.affine, nib.load(data / "imagesTr" / f"{case}.nii.gz").affine)
+    # the exported networks: the fullres stage takes the image + K - 1 channels, and both stages run on it
+    pytest.importorskip("onnxruntime")
+    outs = {}
+    for backend in ("onnxruntime", "torch"):
+        outs[backend] = tmp_path / backend
+        code, out = cli(["predict", "-m", str(wd), "-i", str(images), "-o", str(outs[backend]), "--config",
+                         "3d_cascade_fullres", "--folds", "0", "--no-tta", "--device", "cpu", "--precision", "fp32",
+                         "--backend", backend], capsys)
+        assert code == 0, out
+    for case in ("case_000", "case_003"):
+        a = np.asarray(nib.load(outs["torch"] / f"{case}.nii.gz").dataobj)
+        b = np.asarray(nib.load(outs["onnxruntime"] / f"{case}.nii.gz").dataobj)
+        assert (a != b).mean() < 1e-3  # float32 both; a barely trained network's ties may go either way
     (low / "case_003.nii.gz").unlink()
     code, out = cli(["predict", "-m", str(wd), "-i", str(images), "-o", str(tmp_path / "partial"), "--config",
                      "3d_cascade_fullres", "--folds", "0", "--no-tta", "--device", "cpu", "--previous-stage", str(low)],

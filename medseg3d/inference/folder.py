@@ -213,8 +213,11 @@ def predict_folder(
         models = load_fold_models(work_dir, config, arch, folds, checkpoint, plans.network_identity(config, arch),
                                   plans.file_hash)
     models = [m.to(dev).eval() for m in models]
-    models = to_backend(models, runs_on, in_channels=plans.num_channels, source=str(work_dir),
-                        patch_size=cfg.for_architecture(arch).patch_size, required=backend != "auto")
+    from medseg3d.cascade import extra_channels
+
+    models = to_backend(models, runs_on, in_channels=plans.num_channels + extra_channels(plans, config),
+                        source=str(work_dir), patch_size=cfg.for_architecture(arch).patch_size,
+                        required=backend != "auto")
     if getattr(models[0], "backend", "torch") != "torch":
         precision = "fp32"  # the other backends run float32: no autocast around them (auto's torch fallback keeps it)
     prev_name = cfg.previous_stage
@@ -222,6 +225,11 @@ def predict_folder(
         previous_models = load_fold_models(work_dir, prev_name, arch, folds, checkpoint,
                                            plans.network_identity(prev_name, arch), plans.file_hash)
     previous_models = [m.to(dev).eval() for m in previous_models or []]
+    if previous_models and prev_name:  # the lowres stage runs on the same backend as `predict --config <lowres>` would
+        previous_models = to_backend(previous_models, runs_on,
+                                     in_channels=plans.num_channels + extra_channels(plans, prev_name),
+                                     source=str(work_dir), required=backend != "auto",
+                                     patch_size=plans.configuration(prev_name).for_architecture(arch).patch_size)
     postprocessing = _load_postprocessing(model_dir_of(work_dir, config, arch))
     output_dir.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -28,6 +28,7 @@ def predict_package(
     The plan and postprocessing are laid out in a temporary WORK_DIR and the fold networks passed
     in, so the output is bit-for-bit that of `predict -m WORK_DIR`. Returns `PredictSummary`.
     """
+    from medseg3d.cascade import extra_channels
     from medseg3d.inference.backends import OnnxRuntimeNetwork, OpenVinoNetwork, to_backend
     from medseg3d.inference.folder import predict_folder
 
@@ -39,7 +40,8 @@ def predict_package(
     # `-m model.zip` and `-m WORK_DIR` run the same backend; a backend asked for by name needs the
     # package's own export (`medseg3d export --format`) and says so
     exported = (lambda f: pkg.network_members(f) or None) if requested == "auto" else pkg.network_members
-    models = to_backend(pkg.load_models(folds), backend, in_channels=pkg.plans.num_channels,
+    models = to_backend(pkg.load_models(folds), backend,
+                        in_channels=pkg.plans.num_channels + extra_channels(pkg.plans, pkg.configuration),
                         patch_size=pkg.plans.configuration(pkg.configuration).for_architecture(pkg.architecture).patch_size,
                         folds=pkg.select_folds(folds), exported=exported, source=str(pkg.path),
                         required=requested != "auto")

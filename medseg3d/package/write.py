@@ -120,7 +120,7 @@ def write_package(
             from medseg3d.inference.onnx_export import network_members
 
             patch = plans.configuration(config).for_architecture(arch).patch_size
-            exported = network_members(build_model_from_checkpoint(ckpt), formats, plans.num_channels, patch,
+            exported = network_members(build_model_from_checkpoint(ckpt), formats, int(ckpt["in_channels"]), patch,
                                        name=f"fold {fold}")
             members.update({f"fold_{fold}/{name}": data for name, data in exported.items()})
         del ckpt
