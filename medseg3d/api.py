@@ -40,8 +40,8 @@ class Segmenter:
         precision: `auto`, `fp32`, `bf16` or `fp16` (as `predict --precision`).
         batch_size: network inputs per forward pass (None: from the patch size).
         backend: `auto`, `torch`, `onnxruntime` or `openvino` (as `predict --backend`; `auto` follows
-            `inference.backends.CPU_AUTO_ORDER`: OpenVINO on the CPU where installed, else torch), so a
-            Segmenter gives what `predict` writes.
+            `inference.backends.CPU_AUTO_ORDER`, torch for now), so a Segmenter gives what `predict`
+            writes.
     """
 
     def __init__(

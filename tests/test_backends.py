@@ -176,9 +176,8 @@ def test_backend_choices_are_checked_before_any_work(tmp_path, capsys, monkeypat
 
     from medseg3d.inference import backends
 
-    assert backends.CPU_AUTO_ORDER == ("openvino",)  # measured fastest, agrees with torch
-    expected = "openvino" if find_spec("openvino") is not None else "torch"
-    assert resolve_backend("auto", torch.device("cpu"), None) == expected
+    assert backends.CPU_AUTO_ORDER == ()  # OpenVINO measured fastest but held back (a segfault once, see it)
+    assert resolve_backend("auto", torch.device("cpu"), None) == "torch"
     assert find_spec("torch") is not None
     monkeypatch.setattr(backends, "CPU_AUTO_ORDER", ("not_installed", "onnxruntime"))
     assert resolve_backend("auto", torch.device("cpu"), None) == "onnxruntime"  # the first installed one
@@ -213,10 +212,7 @@ def test_segmenter_runs_the_backend_it_is_given(onnx_package, torch_out):
     got = np.asarray(seg(SHIPPED / "imagesTs" / f"{case}.nii.gz").dataobj)
     expected = np.asarray(nib.load(torch_out / f"{case}.nii.gz").dataobj)
     assert got.shape == expected.shape and (got != expected).mean() < 1e-3  # ties of a barely trained network
-    from importlib.util import find_spec
-
-    auto = Segmenter(onnx_package, device="cpu").backend  # auto: OpenVINO where installed, on the package's ONNX
-    assert auto == ("openvino" if find_spec("openvino") is not None else "torch")
+    assert Segmenter(onnx_package, device="cpu").backend == "torch"  # auto: torch (CPU_AUTO_ORDER is empty)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])

@@ -48,8 +48,8 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option("auto", "--precision",
                                       help="auto (bf16 on CPUs with native bf16, fp16 on CUDA), fp32, bf16, fp16."),
         backend: str = typer.Option("auto", "--backend",
-                                    help="What runs the networks: auto (OpenVINO on the CPU where installed, else torch), "
-                                         "torch, onnxruntime or openvino (CPU, float32; "
+                                    help="What runs the networks: auto (torch for now), torch, onnxruntime or openvino "
+                                         "(CPU, float32; "
                                          "`pip install \"medseg3d[onnx]\"` / `[openvino]`)."),
         batch_size: int | None = typer.Option(None, "--batch-size",
                                               help="Network inputs (windows x mirrorings) per forward pass; lower it "
