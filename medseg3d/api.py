@@ -92,22 +92,18 @@ class Segmenter:
             exported, model_folds = None, folds
         self.device = resolve_device(device)
         self.models = [m.to(self.device).eval() for m in self.models]
-        from medseg3d.inference.backends import (
-            OnnxRuntimeNetwork,
-            OpenVinoNetwork,
-            resolve_backend,
-            to_backend,
-        )
+        from medseg3d.cascade import extra_channels
+        from medseg3d.inference.backends import backend_of, resolve_backend, to_backend
         from medseg3d.inference.predictor import resolve_amp
 
         self.backend = resolve_backend(backend, self.device, resolve_amp(precision, self.device), precision)
         if self.backend != "torch":
             view = self.plans.configuration(self.config).for_architecture(self.arch)
-            self.models = to_backend(self.models, self.backend, in_channels=self.plans.num_channels,
+            channels = self.plans.num_channels + extra_channels(self.plans, self.config)  # + K - 1 for a cascade
+            self.models = to_backend(self.models, self.backend, in_channels=channels,
                                      patch_size=view.patch_size, folds=model_folds, exported=exported,
                                      source=str(self.source), required=backend != "auto")
-            if not all(isinstance(m, OnnxRuntimeNetwork | OpenVinoNetwork) for m in self.models):
-                self.backend = "torch"  # `auto`: a network that did not export keeps every fold on torch
+            self.backend = backend_of(self.models)  # `auto`: a network that did not export keeps torch
         precision = "fp32" if self.backend != "torch" else precision  # the other backends run float32
         self.tta, self.step, self.precision, self.batch_size = tta, step, precision, batch_size
 

@@ -239,39 +239,6 @@ def test_ddp_two_cpu_processes_gloo(planned, tmp_path):
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
 
 
-def test_time_budget_reestimates_after_warmup_and_guards_overrun():
-    """The slow first epoch (warm-up) does not shrink the run: epochs 2-3 re-size it; later an overrun stops it."""
-    from medseg3d.training import state as st
-    from medseg3d.training.distributed import DistInfo
-    from medseg3d.training.trainer import _fit_budget
-
-    tc = TrainConfig(epochs=100, time_budget_s=100.0)
-    info = DistInfo()
-    run = st.RunState()
-    run.epoch = 1
-    _fit_budget(tc, run, 20.0, [20.0], 100, info, torch.device("cpu"))
-    assert tc.epochs == 5                      # 1 + 80 s / 20 s
-    run.epoch = 2
-    _fit_budget(tc, run, 22.0, [20.0, 2.0], 100, info, torch.device("cpu"))
-    assert tc.epochs == 41                     # 2 + 78 s / 2 s
-    run.epoch = 30
-    _fit_budget(tc, run, 99.0, [20.0, 2.0, 2.0, 2.0], 100, info, torch.device("cpu"))
-    assert tc.epochs == 30                     # one more 2 s epoch would overrun
-    # the slowest recent epoch decides, not the mean: 10 s left, epochs of 8, 8 and 11 s (mean 9)
-    tc.epochs, run.epoch = 100, 40
-    _fit_budget(tc, run, 90.0, [20.0, 8.0, 8.0, 8.0, 8.0, 11.0], 100, info, torch.device("cpu"))
-    assert tc.epochs == 40
-    tc.epochs = 100
-    _fit_budget(tc, run, 85.0, [20.0, 8.0, 8.0, 8.0, 8.0, 11.0], 100, info, torch.device("cpu"))
-    assert tc.epochs == 41                     # 15 s left: one more 9 s epoch, so the schedule ends there
-    # a machine that slows part-way through shrinks the schedule rather than being cut at a high lr
-    tc.epochs, run.epoch, tc.time_budget_s = 40, 20, 1000.0
-    _fit_budget(tc, run, 500.0, [20.0] + [20.0] * 16 + [40.0, 40.0, 40.0], 100, info, torch.device("cpu"))
-    assert tc.epochs == 20 + int(500 / 40)     # 500 s left at 40 s per epoch
-    _fit_budget(tc, run, 500.0, [20.0] * 20, 100, info, torch.device("cpu"))
-    assert tc.epochs == 32                     # never grows back after the first epochs
-
-
 def test_cpu_fp32_defaults_channels_last_and_compile_only_for_long_3d_runs():
     from medseg3d.training.runtime import COMPILE_MIN_ITERATIONS, use_channels_last, use_compile
 

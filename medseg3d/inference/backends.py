@@ -49,6 +49,7 @@ __all__ = [
     "CPU_AUTO_ORDER",
     "OnnxRuntimeNetwork",
     "OpenVinoNetwork",
+    "backend_of",
     "cache_dir",
     "cached_export",
     "installed_backends",
@@ -182,6 +183,14 @@ def cached_export(model: nn.Module, in_channels: int, patch_size: Sequence[int],
     return data
 
 
+def backend_of(models: Sequence[nn.Module]) -> str:
+    """The backend `models` (from `to_backend`) run on: `torch` unless every one is a backend network
+    (`--backend auto` keeps all folds on torch when one does not export)."""
+    if models and all(isinstance(m, (OnnxRuntimeNetwork, OpenVinoNetwork)) for m in models):
+        return str(models[0].backend)
+    return "torch"
+
+
 def installed_backends() -> list[str]:
     """`torch` plus each optional backend whose package is installed (found, not imported: importing
     openvino alone takes about a second)."""
@@ -209,7 +218,8 @@ def resolve_backend(backend: str, device: torch.device, amp_dtype: torch.dtype |
             try:
                 {"onnxruntime": import_onnxruntime, "openvino": import_openvino}[chosen]()
             except Exception as exc:  # a broken install: auto falls back rather than failing
-                log.warning("--backend auto: %s is installed but does not import (%s); trying the next", chosen, exc)
+                log.warning("--backend auto: %s is installed but does not import (%s); trying the next",
+                            chosen, exc)
                 continue
             log.info("--backend auto: %s runs the networks on the CPU in float32 (--backend torch for torch)", chosen)
             return chosen

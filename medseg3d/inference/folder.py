@@ -181,7 +181,7 @@ def predict_folder(
     cfg = plans.configuration(config)
     arch = arch or cfg.architecture
     dev = resolve_device(device)
-    from medseg3d.inference.backends import resolve_backend, to_backend
+    from medseg3d.inference.backends import backend_of, resolve_backend, to_backend
     from medseg3d.inference.predictor import resolve_amp
 
     runs_on = resolve_backend(backend, dev, resolve_amp(precision, dev), precision)  # an unusable backend fails before any work
@@ -218,7 +218,7 @@ def predict_folder(
     models = to_backend(models, runs_on, in_channels=plans.num_channels + extra_channels(plans, config),
                         source=str(work_dir), patch_size=cfg.for_architecture(arch).patch_size,
                         required=backend != "auto")
-    if getattr(models[0], "backend", "torch") != "torch":
+    if backend_of(models) != "torch":
         precision = "fp32"  # the other backends run float32: no autocast around them (auto's torch fallback keeps it)
     prev_name = cfg.previous_stage
     if prev_name and previous_stage is None and previous_models is None:  # one command runs both stages

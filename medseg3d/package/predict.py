@@ -29,7 +29,7 @@ def predict_package(
     in, so the output is bit-for-bit that of `predict -m WORK_DIR`. Returns `PredictSummary`.
     """
     from medseg3d.cascade import extra_channels
-    from medseg3d.inference.backends import OnnxRuntimeNetwork, OpenVinoNetwork, to_backend
+    from medseg3d.inference.backends import backend_of, to_backend
     from medseg3d.inference.folder import predict_folder
 
     pkg = open_package(package)
@@ -45,8 +45,7 @@ def predict_package(
                         patch_size=pkg.plans.configuration(pkg.configuration).for_architecture(pkg.architecture).patch_size,
                         folds=pkg.select_folds(folds), exported=exported, source=str(pkg.path),
                         required=requested != "auto")
-    if requested == "auto" and not all(isinstance(m, OnnxRuntimeNetwork | OpenVinoNetwork) for m in models):
-        backend = "torch"  # a network that does not export keeps every fold on torch (to_backend logged it)
+    backend = backend_of(models)  # auto: a network that does not export keeps every fold on torch (logged)
     with tempfile.TemporaryDirectory(prefix="medseg3d_package_") as tmp:
         work_dir = pkg.write_work_dir(Path(tmp))
         return predict_folder(work_dir, input_path, output_dir, config=pkg.configuration, arch=pkg.architecture,

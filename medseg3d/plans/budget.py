@@ -19,8 +19,8 @@ Task04 is still to be done):
    reach its optimiser's minimum (`MIN_ITERATIONS`) is chosen; when the plan's width with SGD holds
    nnU-Net's full 1000 epochs, the result is exactly nnU-Net's plan. When none reaches its minimum,
    the narrowest AdamW option is chosen and the reason says the budget is too short.
-3. Epochs: as many as fit (at most 1000; an epoch costs the timed steps x `EPOCH_OVERHEAD`); when fewer than `MIN_EPOCHS` would fit, the epochs are
-   shortened (fewer iterations each) so that `MIN_EPOCHS` do, which keeps the poly schedule and the
+3. Epochs: as many as fit (at most 1000; an epoch costs the timed steps x `EPOCH_OVERHEAD`); when
+   fewer than `MIN_EPOCHS` would fit, the epochs are shortened (fewer iterations each) so that `MIN_EPOCHS` do, which keeps the poly schedule and the
    `train --time-budget` cut (at most one epoch over) fine-grained.
 4. Patch and batch stay the plan's (sized for memory); no rule changes them yet.
 """
