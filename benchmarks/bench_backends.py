@@ -41,46 +41,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fair import alternating, load_average, median
-from bench_predict import MINI, child_nnunet, nnunet_plans_from, save_random_medseg_fold
+from _child import run_child
+from _fair import alternating, median
+from bench_predict import MINI, nnunet_plans_from, save_random_medseg_fold
 
 TASK04 = Path("/work/shared/data/Task04_Hippocampus")
 BACKENDS = ("torch", "onnxruntime", "openvino")
-
-
-# ---------------------------------------------------------------------------- children
-def child_medseg(spec: dict) -> dict:
-    """One predict_folder run with `spec["backend"]`; seconds per case and in all."""
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    from medseg3d.inference.folder import predict_folder
-
-    t0 = time.perf_counter()
-    s = predict_folder(spec["work_dir"], spec["input"], spec["output"], config="3d_fullres", step=spec["step"],
-                       use_mirroring=spec["tta"], device="cpu", overwrite=True, precision=spec["precision"],
-                       backend=spec["backend"], save_probabilities=spec.get("save_probabilities", False))
-    return {"cases": len(s.predicted), "total_s": time.perf_counter() - t0, "per_case_s": sorted(s.seconds.values())}
-
-
-def run_child(kind: str, spec: dict, tag: str, workdir: Path, threads: int) -> dict:
-    """One tool in a fresh process (OMP/MKL threads = `threads` too); its timings, wall time and peak RSS."""
-    spec_path, res_path = workdir / f"spec_{tag}.json", workdir / f"res_{tag}.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--child", kind, "--spec", str(spec_path), "--result", str(res_path)]
-    load = load_average()
-    t0 = time.perf_counter()
-    with open(workdir / f"log_{tag}.txt", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"{tag} failed; see {workdir / f'log_{tag}.txt'}")
-    out = json.loads(res_path.read_text())
-    out.update({"peak_rss_mb": usage.ru_maxrss / 1024, "process_wall_s": wall, "load_before": load,
-                "load_after": load_average()})
-    return out
 
 
 # ---------------------------------------------------------------------------- setup
@@ -154,12 +120,12 @@ def installed() -> list[str]:
 
 
 # ---------------------------------------------------------------------------- runs
-def timed(tools: list[tuple[str, str, dict]], reps: int, bench: Path, prefix: str, threads: int) -> dict:
+def timed(tools: list[tuple[str, str, dict]], reps: int, bench: Path, prefix: str) -> dict:
     """Every tool once per repetition, one at a time, the order alternating; medians and each run."""
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in tools}
     for rep in range(reps):
         for pos, (name, kind, spec) in enumerate(alternating(tools, rep)):
-            res = run_child(kind, spec, f"{prefix}_{name}", bench, threads)
+            res = run_child(kind, spec, f"{prefix}_{name}", bench)
             res.update({"rep": rep, "position_in_rep": pos, "s_per_case": res["total_s"] / max(res["cases"], 1)})
             runs[name].append(res)
             print(f"{prefix} rep {rep} {name}: {res['s_per_case']:.2f} s/case ({res['process_wall_s']:.1f} s "
@@ -197,7 +163,7 @@ def agreement(backends: list[str], info: dict, bench: Path, threads: int, labels
         spec = {"threads": threads, "step": 0.5, "tta": True, "precision": "fp32", "backend": b,
                 "work_dir": info["work_dir"], "input": str(sub), "output": str(bench / f"prob_{b}"),
                 "save_probabilities": True}
-        run_child("medseg", spec, f"prob_{b}", bench, threads)
+        run_child("medseg", spec, f"prob_{b}", bench)
         probs[b] = bench / f"prob_{b}"
     def read(f: Path) -> np.ndarray:
         return np.asarray(nib.load(f).dataobj)
@@ -248,9 +214,6 @@ def table(rows: dict, n_cases: int, reps: int) -> str:
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--child", choices=["medseg", "nnunet"])
-    ap.add_argument("--spec")
-    ap.add_argument("--result")
     ap.add_argument("--bench-dir", default="/tmp/bench_backends")
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--reps", type=int, default=3)
@@ -264,11 +227,6 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="2 cases, 1 rep, to check the script")
     ap.add_argument("--out", default=None, help="write the report as JSON here")
     args = ap.parse_args()
-    if args.child:
-        spec = json.loads(Path(args.spec).read_text())
-        res = child_medseg(spec) if args.child == "medseg" else child_nnunet(spec)
-        Path(args.result).write_text(json.dumps(res))
-        return
     if args.smoke:
         args.cases, args.reps = 2, 1
     import torch
@@ -307,7 +265,7 @@ def main() -> None:
                                                "nnunet_dataset_json": str(bench / "nnunet_dataset.json")}))
         for _, _, spec in tools:  # no outputs of an earlier run (other cases) in the scored folders
             shutil.rmtree(spec["output"], ignore_errors=True)
-        rows[t] = timed(tools, args.reps, bench, t, args.threads)
+        rows[t] = timed(tools, args.reps, bench, t)
     report["timed"] = rows
     if "torch" in backends:
         report["agreement_with_torch_fp32"] = agreement(backends, info, bench, args.threads,

@@ -36,80 +36,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fair import alternating, load_average, median
+from _child import run_child
+from _fair import alternating, median
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "medseg3d" / "resources" / "hippocampus_mini"
 TASK04 = Path("/work/shared/data/Task04_Hippocampus")
-
-
-# ---------------------------------------------------------------------------- children
-def child_medseg(spec: dict) -> dict:
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    from medseg3d.inference.folder import predict_folder
-
-    t0 = time.perf_counter()
-    s = predict_folder(spec["work_dir"], spec["input"], spec["output"], config="3d_fullres", step=spec["step"],
-                       use_mirroring=spec["tta"], device="cpu", overwrite=True, precision=spec["precision"])
-    total = time.perf_counter() - t0
-    return {"cases": len(s.predicted), "total_s": total, "per_case_s": sorted(s.seconds.values())}
-
-
-def child_nnunet(spec: dict) -> dict:
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans = json.loads(Path(spec["nnunet_plans"]).read_text())
-    dataset_json = json.loads(Path(spec["nnunet_dataset_json"]).read_text())
-    pm = PlansManager(plans)
-    cm = pm.get_configuration("3d_fullres")
-    arch = cm.network_arch_init_kwargs
-    torch.manual_seed(0)
-    net = get_network_from_plans(cm.network_arch_class_name, arch, cm.network_arch_init_kwargs_req_import,
-                                 len(dataset_json["channel_names"]), len(dataset_json["labels"]),
-                                 allow_init=True, deep_supervision=False)
-    pred = nnUNetPredictor(tile_step_size=spec["step"], use_gaussian=True, use_mirroring=spec["tta"],
-                           perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
-    pred.manual_initialization(net, pm, cm, [net.state_dict()], dataset_json, "nnUNetTrainer",
-                               tuple(spec["mirror_axes"]))
-    inputs = sorted(Path(spec["input"]).glob("*_0000.nii*"))
-    lists = [[str(p)] for p in inputs]
-    outs = [str(Path(spec["output"]) / p.name.split("_0000")[0]) for p in inputs]
-    Path(spec["output"]).mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    per = []
-    for li, of in zip(lists, outs):
-        t = time.perf_counter()
-        pred.predict_from_files_sequential([li], [of], save_probabilities=False, overwrite=True)
-        per.append(time.perf_counter() - t)
-    total = time.perf_counter() - t0
-    return {"cases": len(lists), "total_s": total, "per_case_s": sorted(per)}
-
-
-def run_child(kind: str, spec: dict, tag: str, workdir: Path) -> dict:
-    """Run one tool in a fresh process; returns its timings plus peak RSS (MB) of that process."""
-    spec_path = workdir / f"spec_{tag}.json"
-    res_path = workdir / f"res_{tag}.json"
-    spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, __file__, "--child", kind, "--spec", str(spec_path), "--result", str(res_path)]
-    load = load_average()
-    t0 = time.perf_counter()
-    with open(workdir / f"log_{tag}.txt", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"{tag} failed; see {workdir / f'log_{tag}.txt'}")
-    out = json.loads(res_path.read_text())
-    out.update({"peak_rss_mb": usage.ru_maxrss / 1024, "process_wall_s": wall, "load_before": load,
-                "load_after": load_average()})
-    return out
 
 
 # ---------------------------------------------------------------------------- setup
@@ -333,9 +265,6 @@ def table(title: str, res: dict) -> str:
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--child", choices=["medseg", "nnunet"])
-    ap.add_argument("--spec")
-    ap.add_argument("--result")
     ap.add_argument("--bench-dir", default="/tmp/bench_predict")
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5, help="repetitions of the hippocampus part (order alternating)")
@@ -349,11 +278,6 @@ def main() -> None:
     ap.add_argument("--trained", default=None,
                     help="a trained WORK_DIR of hippocampus_mini: Dice of bf16 vs fp32 on its held-out cases")
     args = ap.parse_args()
-    if args.child:
-        spec = json.loads(Path(args.spec).read_text())
-        res = child_medseg(spec) if args.child == "medseg" else child_nnunet(spec)
-        Path(args.result).write_text(json.dumps(res))
-        return
 
     bench = Path(args.bench_dir)
     bench.mkdir(parents=True, exist_ok=True)
