@@ -26,6 +26,8 @@ class TrainConfig:
     architecture: str | None = None          # None: the plan's `architecture`
     arch_options: dict[str, Any] = field(default_factory=dict)  # over the plan's options (--arch-option k=v)
     epochs: int = 1000
+    max_epochs: int | None = None            # a budget run may grow `epochs` up to this (None: `epochs` caps it);
+    #   set when the epochs came from the plan's time budget, an estimate the run's own epoch times correct
     iterations_per_epoch: int = 250
     val_iterations: int = 50
     batch_size: int | None = None            # None: the plan's
@@ -70,6 +72,8 @@ class TrainConfig:
         for name, v in positive.items():
             if int(v) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
+        if self.max_epochs is not None and self.max_epochs < self.epochs:
+            raise ConfigError(f"max_epochs ({self.max_epochs}) must be at least epochs ({self.epochs})")
         if self.val_iterations < 0:
             raise ConfigError(f"--val-iterations must be >= 0 (got {self.val_iterations})")
         if self.batch_size is not None and self.batch_size < 1:
@@ -102,6 +106,31 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def network_request(cfg: Any, arch: str, tc: TrainConfig, config_name: str) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """The network arguments and patch (voxels) a run of `arch` on configuration `cfg` asks for, checked.
+
+    The plan's `network_kwargs()` with the architecture's options resolved over `tc.arch_options`,
+    `tc.features` (one per stage) and `tc.patch_size` (one per axis, divisible by the strides) in
+    place of the plan's; `kwargs["patch_size"]` is the patch. ConfigError names what does not fit.
+    """
+    from medseg3d.networks import get_architecture
+
+    kwargs = cfg.network_kwargs()
+    kwargs["options"] = get_architecture(arch).resolve_options({**kwargs["options"], **tc.arch_options})
+    if tc.features is not None:
+        if len(tc.features) != len(kwargs["features"]):
+            raise ConfigError(f"--features needs {len(kwargs['features'])} values for {config_name} (one per stage), "
+                              f"got {len(tc.features)}")
+        kwargs["features"] = [int(f) for f in tc.features]
+    patch = tuple(int(p) for p in (tc.patch_size or cfg.patch_size))
+    if len(patch) != cfg.dims:
+        raise ConfigError(f"--patch-size {','.join(map(str, patch))} has {len(patch)} values; configuration "
+                          f"{config_name} is {cfg.dims}D")
+    check_patch_size(patch, kwargs["strides"], config_name)
+    kwargs["patch_size"] = list(patch)
+    return kwargs, patch
 
 
 def check_patch_size(patch: Sequence[int], strides: Sequence[Sequence[int]], config_name: str) -> None:

@@ -35,7 +35,7 @@ from medseg3d.paths import fold_dir_of
 from medseg3d.preprocess.cache import labelled_cases
 from medseg3d.training import state as st
 from medseg3d.training.aux import FeatureLoss, resolve_aux_loss
-from medseg3d.training.config import TrainConfig, check_patch_size
+from medseg3d.training.config import TrainConfig, network_request
 from medseg3d.training.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -47,7 +47,7 @@ from medseg3d.training.distributed import (
 )
 from medseg3d.training.logger import write_epoch_artifacts
 from medseg3d.training.runtime import Runtime, resolve_runtime
-from medseg3d.training.schedule import _fit_budget, budget_deadline, make_optimizer, poly_lr  # noqa: F401
+from medseg3d.training.schedule import _fit_budget, budget_deadline, make_optimizer, poly_lr
 from medseg3d.training.validation import confusion_counts, dice_from_counts, validate_fold
 
 log = logging.getLogger(__name__)
@@ -97,24 +97,12 @@ def train_fold(work_dir: str | Path, config_name: str, fold: int | str,
 def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fold: int | str, tc: TrainConfig,
            info: DistInfo) -> Path:
     from medseg3d.losses import DeepSupervisionLoss, DiceCELoss
-    from medseg3d.networks import build_network, get_architecture
+    from medseg3d.networks import build_network
 
     invoked = time.perf_counter()  # a whole-run budget (tc.time_reserve_s) counts from here
     device = resolve_device(tc.device, info.local_rank if info.enabled else None)
     # the network and patch this run asks for, checked before anything is written or built
-    kwargs = cfg.network_kwargs()
-    kwargs["options"] = get_architecture(arch).resolve_options({**kwargs["options"], **tc.arch_options})
-    if tc.features is not None:
-        if len(tc.features) != len(kwargs["features"]):
-            raise ConfigError(f"--features needs {len(kwargs['features'])} values for {config_name} (one per stage), "
-                              f"got {len(tc.features)}")
-        kwargs["features"] = [int(f) for f in tc.features]
-    patch = tuple(int(p) for p in (tc.patch_size or cfg.patch_size))
-    if len(patch) != cfg.dims:
-        raise ConfigError(f"--patch-size {','.join(map(str, patch))} has {len(patch)} values; configuration "
-                          f"{config_name} is {cfg.dims}D")
-    check_patch_size(patch, kwargs["strides"], config_name)
-    kwargs["patch_size"] = list(patch)
+    kwargs, patch = network_request(cfg, arch, tc, config_name)
     all_cases = labelled_cases(work_dir, cfg.data_identifier)
     splits: list[dict[str, list[str]]] = []  # --fold all trains on every case: no split, any number of cases
     if str(fold) != "all":
@@ -177,7 +165,9 @@ def _train(work_dir: Path, plans: Any, cfg: Any, config_name: str, arch: str, fo
             aux.load_state_dict(state.aux)  # the class centres of a resumed run
         model: torch.nn.Module = net
         if runtime.compile:
-            model = torch.compile(net)
+            # static shapes: every batch has the patch's size, and a second run in one process (another
+            # patch) would otherwise be compiled with dynamic sizes, which inductor failed to lower here
+            model = torch.compile(net, dynamic=False)
         if info.enabled:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -242,7 +232,7 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
     labels = [plans.labels.get(c, str(c)) for c in range(1, loop.num_classes)]
     columns = [TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
-    run_start, requested_epochs = time.perf_counter(), tc.epochs
+    run_start, max_epochs = time.perf_counter(), max(tc.epochs, tc.max_epochs or 0)
     if tc.time_reserve_s is not None and loop.clock_start is not None:
         run_start = loop.clock_start  # the budget covers set-up too; the final validation is held back
     epoch_times: list[float] = []
@@ -305,7 +295,7 @@ def _epochs(state: st.RunState, tc: TrainConfig, fold_dir: Path, train_iter: Any
             now = time.perf_counter()
             epoch_times.append(now - t0)  # with the checkpoint and artefact writes: what the next epoch costs
             if tc.time_budget_s is not None:
-                _fit_budget(tc, state, now - run_start, epoch_times, requested_epochs, info, device)
+                _fit_budget(tc, state, now - run_start, epoch_times, max_epochs, info, device)
             if stop:
                 log.info("early stopping: no new best EMA pseudo-Dice for %d epochs", tc.early_stopping)
                 break
