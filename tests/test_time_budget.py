@@ -213,8 +213,9 @@ def test_train_values_from_the_plan_leave_given_flags_alone():
     view = ConfigurationPlan("3d_fullres", raw).for_architecture(None)
     values = budget_train_values(view, None, given=["lr"])
     choice = raw["time_budget"]["choice"]
-    assert values == {"optimizer": "adamw", "epochs": choice["epochs"], "iterations_per_epoch": 50,
+    assert values == {"optimizer": "adamw", "epochs": choice["epochs"], "max_epochs": 1000, "iterations_per_epoch": 50,
                       "val_iterations": 5, "time_budget_s": 2400.0, "time_reserve_s": choice["reserve_s"]}
+    assert "max_epochs" not in budget_train_values(view, None, given=["epochs"])  # --epochs given: it caps the run
     assert budget_train_values(view, 1200.0)["epochs"] < choice["epochs"]
     assert budget_train_values(view, None, final_validation=False)["time_reserve_s"] == 0.0
     assert budget_train_values(ConfigurationPlan("3d_fullres", raw).for_architecture("fcn"), None) == {}
@@ -373,4 +374,33 @@ def test_time_budget_reestimates_after_warmup_and_guards_overrun():
     _fit_budget(tc, run, 500.0, [20.0] + [20.0] * 16 + [40.0, 40.0, 40.0], 100, info, torch.device("cpu"))
     assert tc.epochs == 20 + int(500 / 40)     # 500 s left at 40 s per epoch
     _fit_budget(tc, run, 500.0, [20.0] * 20, 100, info, torch.device("cpu"))
-    assert tc.epochs == 32                     # never grows back after the first epochs
+    assert tc.epochs == 45                     # fast again: it grows back to what fits (20 + 500 / 20) ...
+    _fit_budget(tc, run, 500.0, [20.0] * 20, 40, info, torch.device("cpu"))
+    assert tc.epochs == 40                     # ... never past the cap (the epochs asked for, or max_epochs)
+
+
+def test_a_plan_budget_run_faster_than_timed_uses_its_budget():
+    """The plan's epochs are an estimate: a run whose epochs are faster grows to max_epochs' cap, --epochs does not.
+
+    Measured: Task04's 30-minute plan chose 25 epochs of a timed 68 s; they took 54 s, and the run ended
+    345 s early (docs/benchmarks.md, "Plans for a time budget").
+    """
+    from medseg3d.training import state as st
+    from medseg3d.training.config import TrainConfig
+    from medseg3d.training.distributed import DistInfo
+    from medseg3d.training.trainer import _fit_budget
+
+    tc = TrainConfig(epochs=25, max_epochs=1000, time_budget_s=1800.0, time_reserve_s=26.0)
+    run, info = st.RunState(), DistInfo()
+    times = [105.0, 59.0, 51.0]
+    for epoch in range(1, 4):
+        run.epoch = epoch
+        _fit_budget(tc, run, sum(times[:epoch]), times[:epoch], 1000, info, torch.device("cpu"))
+    assert tc.epochs == 3 + int((1774.0 - 215.0) / 55.0)  # 31: the time left at the mean of epochs 2-3
+    fixed = TrainConfig(epochs=25, time_budget_s=1800.0, time_reserve_s=26.0)  # --epochs 25: the user's cap
+    for epoch in range(1, 4):
+        run.epoch = epoch
+        _fit_budget(fixed, run, sum(times[:epoch]), times[:epoch], 25, info, torch.device("cpu"))
+    assert fixed.epochs == 25
+    with pytest.raises(ConfigError, match="max_epochs"):
+        TrainConfig(epochs=25, max_epochs=10)

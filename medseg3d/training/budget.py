@@ -6,7 +6,9 @@ becomes `TrainConfig` values: optimiser, learning rate, epochs, iterations and v
 epoch, the budget and the final validation's reserve. Options the user gave keep their value. The
 budget then works as `train --time-budget` always has (`_fit_budget` in the trainer): when this
 machine is slower than measured, the epochs are cut after the first ones, so the run overruns by at
-most one epoch; with the reserve held back, the final validation ends inside the budget too.
+most one epoch; with the reserve held back, the final validation ends inside the budget too. When it
+is faster, the plan's epochs may grow (`max_epochs`: nnU-Net's 1000) so the budget is used, unless the
+user gave `--epochs`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
-from medseg3d.plans.budget import format_duration, replan_schedule
+from medseg3d.plans.budget import NNUNET_EPOCHS, format_duration, replan_schedule
 
 log = logging.getLogger(__name__)
 
@@ -53,5 +55,7 @@ def budget_train_values(view: Any, time_budget_s: float | None, given: Collectio
     log.info("time budget %s (plan: %s): %s, features %s%s", format_duration(budget_s),
              format_duration(float(entry["budget_s"])), ", ".join(f"{k} {v}" for k, v in values.items()) or "-",
              "-".join(map(str, view.features)), f"; given on the command line: {', '.join(kept)}" if kept else "")
+    if "epochs" in values:  # the plan's epoch count is an estimate: a faster machine may run more (never past nnU-Net's)
+        values["max_epochs"] = max(NNUNET_EPOCHS, int(values["epochs"]))
     values.update(time_budget_s=budget_s, time_reserve_s=plan.reserve_s if final_validation else 0.0)
     return values

@@ -37,27 +37,30 @@ def poly_lr(lr0: float, epoch: int, epochs: int, exponent: float) -> float:
 
 
 def _fit_budget(tc: TrainConfig, state: st.RunState, elapsed: float, epoch_times: list[float],
-                requested_epochs: int, info: DistInfo, device: torch.device) -> None:
+                max_epochs: int, info: DistInfo, device: torch.device) -> None:
     """Size the run (and so the poly schedule) so it ends within `time_budget_s` (seconds).
 
     Over the first three epochs of this invocation the number of epochs is re-estimated from the
     latest epoch's time (the first one carries warm-up: autocast kernels, worker start-up), never
-    beyond what was asked for. After that the count only shrinks: to what the mean of the last three
-    epochs fits in the time left (a machine that slows part-way through still ends its poly schedule
-    near lr 0 instead of being cut at a high lr), and to the epochs done when one more epoch as slow as
-    the slowest of the last three would overrun (the mean let a 15-minute run end 6 s past its
-    deadline with epochs of 35-52 s). `epoch_times`: wall seconds per epoch including its validation
+    beyond `max_epochs` (what was asked for, or for a plan's time budget nnU-Net's 1000: the plan's
+    count is an estimate, and a 30-minute run whose epochs were 20% faster than timed ended 345 s
+    early). After that, to what the mean of the last three epochs fits in the time left (a machine
+    that slows part-way through still ends its poly schedule near lr 0 instead of being cut at a
+    high lr; one that speeds up uses the time, up to `max_epochs`), and to the epochs done when one
+    more epoch as slow as the slowest of the last three would overrun (the mean let a 15-minute run
+    end 6 s past its deadline with epochs of 35-52 s). `max_epochs`: the cap (`tc.max_epochs` or the
+    epochs the run started with); `epoch_times`: wall seconds per epoch including its validation
     batches and checkpoint writes.
     """
     budget = float(tc.time_budget_s or 0) - float(tc.time_reserve_s or 0)  # the final validation's reserve
     remaining = budget - elapsed
     if len(epoch_times) <= 3:
         per_epoch = epoch_times[-1] if len(epoch_times) == 1 else float(np.mean(epoch_times[1:]))
-        fit = min(requested_epochs, state.epoch + max(0, int(remaining / max(per_epoch, 1e-6))))
+        fit = min(max_epochs, state.epoch + max(0, int(remaining / max(per_epoch, 1e-6))))
     else:
         recent = epoch_times[-3:]
         fit = state.epoch if remaining < max(recent) else \
-            min(tc.epochs, state.epoch + int(remaining / float(np.mean(recent))))
+            min(max_epochs, state.epoch + int(remaining / float(np.mean(recent))))
     t = torch.tensor([fit], device=device)
     if info.enabled:  # rank 0 decides, so every rank runs the same number of epochs
         torch.distributed.broadcast(t, 0)
