@@ -284,3 +284,15 @@ def test_slab_export_equals_argmax_of_the_whole_resampled_probabilities(monkeypa
     assert seg.shape == (45, 30, 33) and seg.dtype == np.uint8
     assert (seg[:2] == 0).all() and (seg[:, :, :5] == 0).all() and (seg[:, :, 30:] == 0).all()
     assert (seg[2:42, :, 5:30] == ref).mean() > 0.9999
+
+
+def test_default_batch_is_one_for_3d_float32_on_the_cpu():
+    """Batching mirror variants was measured slower on the CPU in fp32 (0.58 vs 0.37 s/patch); GPU and bf16 batch."""
+    from medseg3d.inference.predictor import default_batch_size
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_batch_size((40, 56, 40), 3, cpu, None) == 1
+    assert default_batch_size((40, 56, 40), 3, cpu, torch.bfloat16) == 8   # 2^21 / 89,600 voxels = 23, at most 8
+    assert default_batch_size((40, 56, 40), 3, cuda, torch.float16) == 8
+    assert default_batch_size((128, 128, 128), 3, cuda, None) == 1
+    assert default_batch_size((56, 40), 2, cpu, None) == 32                # 2D: not measured, the voxel rule

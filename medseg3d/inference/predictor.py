@@ -70,13 +70,23 @@ def resolve_amp(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 #: Voxels per forward pass (windows x mirror variants) the default batch size aims for: batching
-#: small patches pays (8 hippocampus patches cost 1.3 s each vs 2.9 s one by one here) while a 128^3
-#: patch is already a large GEMM and a batch of 8 of them would hold gigabytes of activations.
+#: small patches paid on session 2's AVX-512-bf16 CPU (8 hippocampus patches cost 1.3 s each vs 2.9 s
+#: one by one in bf16) and pays on a GPU, while a 128^3 patch is already a large GEMM and a batch of 8
+#: of them would hold gigabytes of activations.
 BATCH_VOXELS = 2**21
 
 
-def default_batch_size(patch_size: Sequence[int], dims: int) -> int:
-    """Network inputs per forward pass: `BATCH_VOXELS / patch voxels`, at least 1, at most 8 (3D) / 32 (2D)."""
+def default_batch_size(patch_size: Sequence[int], dims: int, device: torch.device | None = None,
+                       amp_dtype: torch.dtype | None = None) -> int:
+    """Network inputs per forward pass: `BATCH_VOXELS / patch voxels`, at least 1, at most 8 (3D) / 32 (2D).
+
+    3D in float32 on the CPU (`device` cpu, no `amp_dtype`): 1. On the 2-core AVX2 CPU the hippocampus
+    U-Net (32-256 features, patch 40x56x40, 2 threads) took 0.365 / 0.398 / 0.483 / 0.584 s per patch at
+    batch 1 / 2 / 4 / 8 (contiguous; channels-last 0.39-0.50), so batching the 8 mirror variants made
+    `predict` with TTA 1.5x slower than nnU-Net's one-at-a-time passes (docs/benchmarks.md, "Prediction").
+    """
+    if dims == 3 and device is not None and device.type == "cpu" and amp_dtype is None:
+        return 1
     return int(max(1, min(8 if dims == 3 else 32, BATCH_VOXELS // int(np.prod(patch_size)))))
 
 
@@ -199,7 +209,7 @@ def predict_case(
                                                    plans.num_classes)[0]), dim=0)
     del pre, prev
     if batch_size is None:
-        batch_size = default_batch_size(config.patch_size, config.dims)
+        batch_size = default_batch_size(config.patch_size, config.dims, dev, amp)
     stream = sliding_window_slabs(
         models, data, patch_size=config.patch_size, step=step,
         mirror_axes=config.mirror_axes if use_mirroring else (), batch_size=batch_size, device=dev,
