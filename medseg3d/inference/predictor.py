@@ -82,8 +82,9 @@ def default_batch_size(patch_size: Sequence[int], dims: int, device: torch.devic
 
     3D in float32 on the CPU (`device` cpu, no `amp_dtype`): 1. On the 2-core AVX2 CPU the hippocampus
     U-Net (32-256 features, patch 40x56x40, 2 threads) took 0.365 / 0.398 / 0.483 / 0.584 s per patch at
-    batch 1 / 2 / 4 / 8 (contiguous; channels-last 0.39-0.50), so batching the 8 mirror variants made
-    `predict` with TTA 1.5x slower than nnU-Net's one-at-a-time passes (docs/benchmarks.md, "Prediction").
+    batch 1 / 2 / 4 / 8 (contiguous; channels-last 0.39-0.50; `benchmarks/bench_window_batch.py`), so
+    batching the 8 mirror variants made `predict` with TTA 1.5x slower than nnU-Net's one-at-a-time
+    passes (docs/benchmarks.md, "Prediction").
     """
     if dims == 3 and device is not None and device.type == "cpu" and amp_dtype is None:
         return 1
