@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int | None = typer.Option(None, "--batch-size",
                                               help="Network inputs (windows x mirrorings) per forward pass; lower it "
                                                    "when the GPU runs out of memory (default: from the patch size; 1 for 3D float32 on "
-                                                   "the CPU, where batching was slower)."),
+                                                   "a CPU without AVX-512, where batching was slower)."),
         save_probabilities: bool = typer.Option(False, "--save-probabilities",
                                                 help="Also write CASE.npz with (K, X, Y, Z) probabilities."),
         num_parts: int = typer.Option(1, "--num-parts", help="Split the cases into this many parts ..."),

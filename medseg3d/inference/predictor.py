@@ -80,15 +80,21 @@ def default_batch_size(patch_size: Sequence[int], dims: int, device: torch.devic
                        amp_dtype: torch.dtype | None = None) -> int:
     """Network inputs per forward pass: `BATCH_VOXELS / patch voxels`, at least 1, at most 8 (3D) / 32 (2D).
 
-    3D in float32 on the CPU (`device` cpu, no `amp_dtype`): 1. On the 2-core AVX2 CPU the hippocampus
-    U-Net (32-256 features, patch 40x56x40, 2 threads) took 0.365 / 0.398 / 0.483 / 0.584 s per patch at
-    batch 1 / 2 / 4 / 8 (contiguous; channels-last 0.39-0.50; `benchmarks/bench_window_batch.py`), so
-    batching the 8 mirror variants made `predict` with TTA 1.5x slower than nnU-Net's one-at-a-time
-    passes (docs/benchmarks.md, "Prediction").
+    3D in float32 on a CPU without AVX-512 (`device` cpu, no `amp_dtype`): 1. On the 2-core AVX2 CPU
+    the hippocampus U-Net (32-256 features, patch 40x56x40, 2 threads) took 0.365 / 0.398 / 0.483 /
+    0.584 s per patch at batch 1 / 2 / 4 / 8 (contiguous; channels-last 0.39-0.50;
+    `benchmarks/bench_window_batch.py`), so batching the 8 mirror variants made `predict` with TTA
+    1.5x slower than nnU-Net's one-at-a-time passes, while on session 7's AVX-512-bf16 CPU the batch of
+    8 ran 1.44x faster than nnU-Net in fp32 (docs/benchmarks.md, "Prediction", "Network backends").
     """
-    if dims == 3 and device is not None and device.type == "cpu" and amp_dtype is None:
+    if dims == 3 and device is not None and device.type == "cpu" and amp_dtype is None and not _wide_simd_cpu():
         return 1
     return int(max(1, min(8 if dims == 3 else 32, BATCH_VOXELS // int(np.prod(patch_size)))))
+
+
+def _wide_simd_cpu() -> bool:
+    """True where torch's CPU kernels use AVX-512 (batched windows were measured faster there)."""
+    return str(torch.backends.cpu.get_cpu_capability()).upper().startswith("AVX512")
 
 
 def check_input(image: Volume, plans: Plans, case: str = "") -> None:
