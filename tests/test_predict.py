@@ -286,18 +286,32 @@ def test_slab_export_equals_argmax_of_the_whole_resampled_probabilities(monkeypa
     assert (seg[2:42, :, 5:30] == ref).mean() > 0.9999
 
 
-def test_default_batch_is_one_for_3d_float32_on_an_avx2_cpu(monkeypatch):
-    """Batching mirror variants was measured slower on an AVX2 CPU in fp32 (0.58 vs 0.37 s/patch), faster on AVX-512."""
+def test_default_batch_is_one_for_a_wide_3d_float32_network_on_an_avx2_cpu(monkeypatch):
+    """Measured on an AVX2 CPU in fp32: the 32-256 U-Net is faster one window at a time (0.37 vs 0.58 s/patch at
+    batch 8), narrower ones batched (8-64: 0.27 vs 0.055); AVX-512, bf16 and the GPU batch."""
     from medseg3d.inference import predictor
     from medseg3d.inference.predictor import default_batch_size
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert default_batch_size((40, 56, 40), 3, cpu, None) == 1
-    assert default_batch_size((40, 56, 40), 3, cpu, torch.bfloat16) == 8   # 2^21 / 89,600 voxels = 23, at most 8
-    assert default_batch_size((40, 56, 40), 3, cuda, torch.float16) == 8
-    assert default_batch_size((128, 128, 128), 3, cuda, None) == 1
-    assert default_batch_size((56, 40), 2, cpu, None) == 32                # 2D: not measured, the voxel rule
+    assert default_batch_size((40, 56, 40), 3, cpu, None, 32) == 1
+    assert default_batch_size((40, 56, 40), 3, cpu, None, 16) == 8      # 2^21 / 89,600 voxels = 23, at most 8
+    assert default_batch_size((40, 56, 40), 3, cpu, None) == 8          # width unknown: the voxel rule
+    assert default_batch_size((40, 56, 40), 3, cpu, torch.bfloat16, 32) == 8
+    assert default_batch_size((40, 56, 40), 3, cuda, torch.float16, 32) == 8
+    assert default_batch_size((128, 128, 128), 3, cuda, None, 32) == 1
+    assert default_batch_size((56, 40), 2, cpu, None, 32) == 32         # 2D: not measured, the voxel rule
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert predictor._wide_simd_cpu()
-    assert default_batch_size((40, 56, 40), 3, cpu, None) == 8
+    assert default_batch_size((40, 56, 40), 3, cpu, None, 32) == 8
+
+
+def test_the_first_width_comes_from_the_network_itself():
+    from medseg3d.inference.predictor import _first_width
+    from medseg3d.networks import build_network
+
+    net = build_network("unet", in_channels=1, num_classes=3, deep_supervision=False, features=[8, 16, 32, 64], dims=3,
+                        strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 4,
+                        patch_size=[40, 56, 40], options={})
+    assert _first_width([net]) == 8
+    assert _first_width([nn.Identity()]) is None

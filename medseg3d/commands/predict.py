@@ -53,8 +53,9 @@ def register(app: typer.Typer) -> None:
                                          "`pip install \"medseg3d[onnx]\"` / `[openvino]`)."),
         batch_size: int | None = typer.Option(None, "--batch-size",
                                               help="Network inputs (windows x mirrorings) per forward pass; lower it "
-                                                   "when the GPU runs out of memory (default: from the patch size; 1 for 3D float32 on "
-                                                   "a CPU without AVX-512, where batching was slower)."),
+                                                   "when the GPU runs out of memory (default: from the patch size; 1 for a 3D float32 "
+                                                   "network of 32+ first-stage features on a CPU without AVX-512, "
+                                                   "where batching was slower)."),
         save_probabilities: bool = typer.Option(False, "--save-probabilities",
                                                 help="Also write CASE.npz with (K, X, Y, Z) probabilities."),
         num_parts: int = typer.Option(1, "--num-parts", help="Split the cases into this many parts ..."),

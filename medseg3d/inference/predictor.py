@@ -74,22 +74,35 @@ def resolve_amp(precision: str, device: torch.device) -> torch.dtype | None:
 #: one by one in bf16) and pays on a GPU, while a 128^3 patch is already a large GEMM and a batch of 8
 #: of them would hold gigabytes of activations.
 BATCH_VOXELS = 2**21
+#: First-stage width from which a 3D fp32 network predicts one window at a time on a CPU without AVX-512.
+CPU_SINGLE_WINDOW_FEATURES = 32
 
 
 def default_batch_size(patch_size: Sequence[int], dims: int, device: torch.device | None = None,
-                       amp_dtype: torch.dtype | None = None) -> int:
+                       amp_dtype: torch.dtype | None = None, first_features: int | None = None) -> int:
     """Network inputs per forward pass: `BATCH_VOXELS / patch voxels`, at least 1, at most 8 (3D) / 32 (2D).
 
-    3D in float32 on a CPU without AVX-512 (`device` cpu, no `amp_dtype`): 1. On the 2-core AVX2 CPU
-    the hippocampus U-Net (32-256 features, patch 40x56x40, 2 threads) took 0.365 / 0.398 / 0.483 /
-    0.584 s per patch at batch 1 / 2 / 4 / 8 (contiguous; channels-last 0.39-0.50;
-    `benchmarks/bench_window_batch.py`), so batching the 8 mirror variants made `predict` with TTA
-    1.5x slower than nnU-Net's one-at-a-time passes, while on session 7's AVX-512-bf16 CPU the batch of
-    8 ran 1.44x faster than nnU-Net in fp32 (docs/benchmarks.md, "Prediction", "Network backends").
+    3D in float32 on a CPU without AVX-512 (`device` cpu, no `amp_dtype`) with a network of
+    `first_features` >= `CPU_SINGLE_WINDOW_FEATURES` in its first stage: 1. Measured on the 2-core AVX2
+    CPU (`benchmarks/bench_window_batch.py`, patch 40x56x40, 2 threads, seconds per patch at batch 1 /
+    8): 32-256 features 0.365 / 0.584 (batching the 8 mirror variants made `predict` with TTA 1.5x
+    slower than nnU-Net's one-at-a-time passes), 16-128 0.178 / 0.150, 8-64 0.269 / 0.055, 4-16
+    0.176 / 0.029: narrower networks batch well, nnU-Net's width does not. Session 7's AVX-512-bf16
+    CPU ran the 32-256 network's batch of 8 in fp32 at 1.44x nnU-Net (docs/benchmarks.md,
+    "Prediction", "Network backends").
     """
-    if dims == 3 and device is not None and device.type == "cpu" and amp_dtype is None and not _wide_simd_cpu():
+    if (dims == 3 and device is not None and device.type == "cpu" and amp_dtype is None and not _wide_simd_cpu()
+            and first_features is not None and first_features >= CPU_SINGLE_WINDOW_FEATURES):
         return 1
     return int(max(1, min(8 if dims == 3 else 32, BATCH_VOXELS // int(np.prod(patch_size)))))
+
+
+def _first_width(models: Sequence[nn.Module]) -> int | None:
+    """Output channels of the first network's first convolution (None for an exported backend's network)."""
+    for m in models[0].modules() if models else ():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            return int(m.out_channels)
+    return None
 
 
 def _wide_simd_cpu() -> bool:
@@ -216,7 +229,7 @@ def predict_case(
                                                    plans.num_classes)[0]), dim=0)
     del pre, prev
     if batch_size is None:
-        batch_size = default_batch_size(config.patch_size, config.dims, dev, amp)
+        batch_size = default_batch_size(config.patch_size, config.dims, dev, amp, _first_width(models))
     stream = sliding_window_slabs(
         models, data, patch_size=config.patch_size, step=step,
         mirror_axes=config.mirror_axes if use_mirroring else (), batch_size=batch_size, device=dev,
