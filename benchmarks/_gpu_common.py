@@ -209,3 +209,45 @@ def status_of(checks: dict[str, bool]) -> str:
 
 
 # ============================================================================ the parts (child side)
+
+
+def _device(spec: dict) -> str:
+    return spec["device"]
+
+
+def _cuda_peak_reset(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _cuda_peak(device: str) -> dict[str, float | None]:
+    import torch
+
+    if device != "cuda":
+        return {"max_allocated_gb": None, "max_reserved_gb": None}
+    torch.cuda.synchronize()
+    return {"max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "max_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def _fallback_plan(spec: dict) -> Path:
+    """The shipped hippocampus_mini planned into `fallback_work` (once; a rerun of `medseg3d plan` reuses it)."""
+    fb = Path(spec["fallback_work"])
+    if not (fb / "plans.json").is_file():
+        res = run_captured(medseg_cli("plan", MINI, "-o", fb, "--configs", "3d_fullres"),
+                           max(10.0, spec["deadline"] - time.time() - 20), dict(os.environ))
+        if res["rc"] != 0:
+            raise RuntimeError(f"fallback `medseg3d plan` of the shipped data failed ({exit_text(res)}): "
+                               f"{tail(res['stderr'], 1500)}")
+    return fb
+
+
+def _planned_work(spec: dict) -> tuple[Path, str]:
+    """A planned WORK_DIR: the `train` part's (Task04) when its plans.json exists, else the shipped set planned."""
+    work = Path(spec["work"])
+    if (work / "plans.json").is_file():
+        return work, f"{spec['data_name']} (planned by the train part)"
+    return _fallback_plan(spec), "hippocampus_mini (fallback plan: the train part left no plans.json)"

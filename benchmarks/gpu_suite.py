@@ -85,7 +85,8 @@ from _gpu_common import (  # noqa: F401 (gpu_peer.py reads some as gpu_suite.X)
     tail,
     write_json,
 )
-from _gpu_parts import child_main, ddp_forced_main
+from _gpu_ddp import ddp_forced_main
+from _gpu_parts import child_main
 
 
 # ============================================================================ install, environment
