@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tools", default="medseg3d,nnunet")
     ap.add_argument("--settle-s", type=float, default=180.0)
     ap.add_argument("--redo", action="store_true", help="retrain budgets already in the report")
+    ap.add_argument("--train-args", default="",
+                    help="extra `medseg3d train` arguments for an experiment against the plan's choice, e.g. "
+                         "'--features 16,32,64,128 --batch-size 2' (the plan is still `plan --time-budget B`)")
+    ap.add_argument("--tag", default="", help="suffix of the report key and work dir (an experiment's own row)")
     return ap.parse_args()
 
 
@@ -74,8 +79,9 @@ def medseg3d_budget(args: argparse.Namespace, minutes: float, out: Path, env: di
     from medseg3d.paths import fold_dir_of
     from medseg3d.plans import Plans
 
-    work = out / f"medseg3d_{minutes:g}m"
-    log = out / f"medseg3d_{minutes:g}m_plan.log"
+    name = f"medseg3d_{minutes:g}m{args.tag}"
+    work = out / name
+    log = out / f"{name}_plan.log"
     settle(timeout_s=args.settle_s)  # the plan times training steps: on a quiet machine
     run = run_logged([sys.executable, "-m", "medseg3d", "plan", str(args.data), "-o", str(work), "--configs",
                       "3d_fullres", "--gpu-memory", "8", "--time-budget", f"{minutes:g}m"], env, log)
@@ -84,18 +90,25 @@ def medseg3d_budget(args: argparse.Namespace, minutes: float, out: Path, env: di
     (work / "splits.json").write_text(json.dumps(splits, indent=2))
     view = Plans.load(work).configuration("3d_fullres").for_architecture(None)  # the budget's width
     row: dict = {"plan_s": run.seconds, "choice": view.time_budget, "features": list(view.features),
-                 "patch": list(view.patch_size), "batch": view.batch_size}
+                 "patch": list(view.patch_size), "batch": view.batch_size, "train_args": args.train_args}
     fold_dir = fold_dir_of(work, "3d_fullres", "unet", 0)
     if fold_dir.exists():
         import shutil
 
         shutil.rmtree(fold_dir)
     settled = settle(timeout_s=args.settle_s)
-    log = out / f"medseg3d_{minutes:g}m_train.log"
+    log = out / f"{name}_train.log"
+    extra = shlex.split(args.train_args)
     run = run_logged([sys.executable, "-m", "medseg3d", "train", str(work), "--config", "3d_fullres", "--fold", "0",
-                      "--num-workers", "1"], env, log)
+                      "--num-workers", "1", *extra], env, log)
     if run.returncode:
         sys.exit(f"medseg3d train failed (exit {run.returncode}); see {log}")
+    if extra:  # what the run trained, from its checkpoint (the flags may override the plan's network and batch)
+        import torch
+
+        ck = torch.load(fold_dir / "checkpoint_final.pt", map_location="cpu", weights_only=True)
+        row.update(features=list(ck["network_kwargs"]["features"]),
+                   batch=int(ck["train_config"].get("batch_size") or row["batch"]))
     times = medseg3d_phases(fold_dir, run.launch_wall, run.end_wall)
     row.update(times, process_s=run.seconds, load_before=run.load_before, load_after=run.load_after,
                load_settled=settled, overrun_s=run.seconds - minutes * 60)
@@ -145,12 +158,12 @@ def main() -> None:
     if "nnunet" in tools:
         report["nnunet_plan_s"] = nnunet_preprocess(args, out, env, splits) or report.get("nnunet_plan_s")
     for minutes in (float(b) for b in args.budgets.split(",") if b):
-        key = f"{minutes:g}"
+        key = f"{minutes:g}{args.tag}"
         if key in report["budgets"] and "scores" in report["budgets"][key] and not args.redo:
             continue
         row: dict = {}
         report["budgets"][key] = row
-        work = out / f"medseg3d_{minutes:g}m"
+        work = out / f"medseg3d_{minutes:g}m{args.tag}"
         for tool in tools:
             t0 = time.time()
             if tool == "medseg3d":
