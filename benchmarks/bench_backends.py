@@ -32,6 +32,7 @@ mean Dice per class against labelsTr.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import shutil
@@ -243,10 +244,10 @@ def main() -> None:
     report: dict = {"threads": args.threads, "reps": args.reps, "python": sys.executable, "torch": torch.__version__,
                     "auto_precision_on_this_cpu": str(auto), "cpu_auto_order": list(CPU_AUTO_ORDER),
                     "order": "one child at a time, tool order alternating per repetition", "setup": info}
-    for mod in ("onnxruntime", "openvino", "nnunetv2"):
+    for mod in ("onnxruntime", "openvino", "nnunetv2"):  # the installed distribution (nnunetv2 has no __version__)
         try:
-            report[f"{mod}_version"] = __import__(mod).__version__
-        except (ImportError, AttributeError):
+            report[f"{mod}_version"] = importlib.metadata.version(mod)
+        except importlib.metadata.PackageNotFoundError:
             report[f"{mod}_version"] = None
     report["first_export_s"] = warm_exports(info["work_dir"], backends)
     rows = {}
