@@ -132,6 +132,41 @@ def test_replanned_schedule_keeps_the_network():
     assert without.reserve_s == 0 and without.epochs >= same.epochs
 
 
+def test_a_run_that_trains_another_timed_width_or_batch_gets_its_schedule_and_reserve():
+    """`train --features/--batch-size` overriding the choice: schedule and reserve follow what trains (session 10:
+    a 1/2-width run on the 1/4 width's reserve validated 75 s against 32.7 s held back)."""
+    entry = _entry(1800)
+    planned = bud.replan_schedule(entry, 1800)
+    assert planned.width == "1/4"
+    half = bud.replan_schedule(entry, 1800, features=[16, 32, 64, 128])
+    t_half = next(bud.WidthTiming.from_dict(t) for t in entry["measured"] if t["width"] == "1/2")
+    assert half.width == "1/2" and half.features == [16, 32, 64, 128]
+    assert math.isclose(half.reserve_s, bud.validation_reserve(t_half, FACTS), rel_tol=1e-3)
+    assert half.reserve_s > planned.reserve_s and "instead of the planned 1/4" in half.reason
+    # batch 2 of the 7 timed: a step costs 2/7 of the timed one, the per-window validation cost stays
+    small = bud.replan_schedule(entry, 1800, features=[16, 32, 64, 128], batch_size=2)
+    assert small.batch_size == 2 and math.isclose(small.reserve_s, half.reserve_s, rel_tol=1e-3)
+    assert small.epochs * small.iterations_per_epoch > 3 * half.epochs * half.iterations_per_epoch
+    assert bud.replan_schedule(entry, 1800, features=planned.features, batch_size=7).to_dict() == planned.to_dict()
+    with pytest.raises(PlanError, match="none of the widths"):
+        bud.replan_schedule(entry, 1800, features=[24, 48, 96, 192])
+
+
+def test_train_values_follow_overridden_features_and_warn_for_an_untimed_width(caplog):
+    from medseg3d.plans.schema import ConfigurationPlan
+    from medseg3d.training.budget import budget_train_values
+
+    plans = plan_from_fingerprint(synthetic_fingerprint(**CASES["small"]), gpu_memory_gb=8.0)
+    raw = copy.deepcopy(plans.raw["configurations"]["3d_fullres"])
+    raw["time_budget"] = _entry(1800)
+    view = ConfigurationPlan("3d_fullres", raw).for_architecture(None)
+    planned = budget_train_values(view, None)
+    half = budget_train_values(view, None, features=[16, 32, 64, 128], batch_size=2)
+    assert half["time_reserve_s"] > planned["time_reserve_s"]
+    untimed = budget_train_values(view, None, features=[24, 48, 96, 192])
+    assert untimed == planned and "none of the widths the plan timed" in caplog.text
+
+
 def _entry(budget_s: float, timings: dict | None = None) -> dict:
     """A `time_budget` entry as `medseg3d.plans.timing.time_budget_entry` writes it, from injected timings."""
     ts = widths(timings or CPU)

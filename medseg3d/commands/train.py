@@ -41,7 +41,8 @@ def _from_command_line(ctx: typer.Context, name: str) -> bool:
 
 
 def _plan_budget(ctx: typer.Context, work_dir: Path, config: str, arch: str | None, time_budget: str | None,
-                 final_validation: bool, device: str) -> dict:
+                 final_validation: bool, device: str, features: list[int] | None = None,
+                 batch_size: int | None = None) -> dict:
     """TrainConfig values of this run's time budget: `time_budget_s` alone on a plan without a
     `time_budget` entry, else the plan's schedule (medseg3d.training.budget) for the flags not given."""
     from medseg3d.plans import Plans
@@ -61,7 +62,8 @@ def _plan_budget(ctx: typer.Context, work_dir: Path, config: str, arch: str | No
 
     given = [f for f, p in _BUDGET_FLAGS.items() if _from_command_line(ctx, p)]
     kind = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
-    values = budget_train_values(view, seconds, given, final_validation=final_validation, device_type=kind)
+    values = budget_train_values(view, seconds, given, final_validation=final_validation, device_type=kind,
+                                 features=features, batch_size=batch_size)
     return values or {"time_budget_s": seconds}
 
 
@@ -146,7 +148,7 @@ def register(app: typer.Typer) -> None:
 
         patch = _ints(patch_size, "--patch-size")
         budget = _plan_budget(ctx, work_dir, config, arch, time_budget, final_validation and _fold(fold) != "all",
-                              device)
+                              device, _ints(features, "--features"), batch_size)
         tc = TrainConfig(
             architecture=arch, arch_options=parse_option_args(arch_option), epochs=epochs, iterations_per_epoch=iterations, val_iterations=val_iterations,
             batch_size=batch_size, patch_size=tuple(patch) if patch else None,

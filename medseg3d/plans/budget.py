@@ -307,29 +307,54 @@ def choose_budget_plan(timings: Sequence[WidthTiming], budget_s: float, facts: B
                       expected_s=round(expected + reserve, 3), reason=reason, considered=considered)
 
 
-def replan_schedule(entry: dict[str, Any], budget_s: float, validation: bool = True) -> BudgetPlan:
-    """The stored choice of a `time_budget` entry, its schedule refitted to another budget.
+def replan_schedule(entry: dict[str, Any], budget_s: float, validation: bool = True, *,
+                    features: Sequence[int] | None = None, batch_size: int | None = None) -> BudgetPlan:
+    """The stored choice of a `time_budget` entry, its schedule refitted to another budget or network.
 
-    The network (width, patch, batch) and optimiser stay what the plan chose (the trained network
-    must be the planned one); epochs and iterations are refitted with the stored timing of that
-    width. validation: False for a run without final validation (nothing reserved).
+    The optimiser stays what the plan chose; epochs, iterations and the final validation's reserve are
+    refitted with the stored timing of the width the run trains: the chosen one, or `features` when the
+    run overrides them with another timed width (`train --features`). `batch_size` (`train
+    --batch-size`) other than the timed batch scales the timed seconds linearly (an estimate: on the
+    2-core CPU the 1/2-width Task04 step took 0.74 s at batch 2 against 3.04 s at 7, a linear 0.87; the
+    budget cut corrects it after the first epochs). The reserve follows the width too (session 10: a
+    1/2-width run on the 1/4 width's reserve spent 75 s validating against 32.7 s held back, 33 s over).
+    validation: False for a run without final validation (nothing reserved). Raises PlanError when
+    `features` is no timed width or the chosen width's timing is missing.
     """
     plan = BudgetPlan.from_dict(entry["choice"])
-    if math.isclose(budget_s, plan.budget_s) and validation:
-        return plan
     facts = BudgetFacts.from_dict(entry["facts"])
-    timing = next((WidthTiming.from_dict(t) for t in entry.get("measured", []) if t.get("width") == plan.width), None)
+    width = plan.width
+    timings = [WidthTiming.from_dict(t) for t in entry.get("measured", [])]
+    if features is not None and [int(f) for f in features] != list(plan.features):
+        other = next((t for t in timings if t.features == [int(f) for f in features] and t.measured), None)
+        if other is None:
+            raise PlanError(f"features {'-'.join(map(str, features))} are none of the widths the plan timed")
+        width = other.width
+    batch = int(batch_size) if batch_size else facts.batch_size
+    if math.isclose(budget_s, plan.budget_s) and validation and width == plan.width and batch == facts.batch_size:
+        return plan
+    timing = next((t for t in timings if t.width == width), None)
     if timing is None or not timing.measured:
         raise PlanError(f"plans.json's time_budget lacks the timing of its chosen width {plan.width}; rerun "
                         "`medseg3d plan DATA_DIR -o WORK_DIR --time-budget ...`")
+    if batch != facts.batch_size:  # per-window seconds stay; a step and a validation batch scale with the batch
+        scale = batch / facts.batch_size
+        timing = WidthTiming(width=timing.width, features=timing.features,
+                             seconds_per_iteration=float(timing.seconds_per_iteration or 0.0) * scale,
+                             seconds_per_forward=float(timing.seconds_per_forward or 0.0) * scale,
+                             cpu_share=timing.cpu_share)
+        facts = BudgetFacts(patch_size=facts.patch_size, batch_size=batch, validation_cases=facts.validation_cases,
+                            windows_per_case=facts.windows_per_case, mirror_variants=facts.mirror_variants)
     reserve = validation_reserve(timing, facts) if validation else 0.0
     epochs, its, val = schedule_for(timing, plan.optimizer, budget_s - reserve)
     expected = epochs * epoch_seconds(timing, its, val)
-    reason = (f"{plan.width} width and {plan.optimizer} as planned for {format_duration(plan.budget_s)}; schedule "
-              f"refitted to {format_duration(budget_s)}{'' if validation else ' without final validation'}: "
+    network = "" if (width, batch) == (plan.width, plan.batch_size) else \
+        f", trained at {width} width and batch {batch} instead of the planned {plan.width} and {plan.batch_size}"
+    reason = (f"{plan.width} width and {plan.optimizer} as planned for {format_duration(plan.budget_s)}{network}; "
+              f"schedule refitted to {format_duration(budget_s)}{'' if validation else ' without final validation'}: "
               f"{epochs} epochs x {its} iterations")
-    return BudgetPlan(budget_s=float(budget_s), width=plan.width, features=plan.features, patch_size=plan.patch_size,
-                      batch_size=plan.batch_size, optimizer=plan.optimizer, lr=plan.lr, epochs=epochs,
-                      iterations_per_epoch=its, val_iterations=val, reserve_s=round(reserve, 3),
+    return BudgetPlan(budget_s=float(budget_s), width=width, features=list(timing.features),
+                      patch_size=plan.patch_size, batch_size=batch, optimizer=plan.optimizer, lr=plan.lr,
+                      epochs=epochs, iterations_per_epoch=its, val_iterations=val, reserve_s=round(reserve, 3),
                       train_s=round(budget_s - reserve, 3), expected_s=round(expected + reserve, 3), reason=reason,
                       considered=[])
