@@ -44,16 +44,17 @@ def test_shapes_gradients_and_declared_outputs(arch, plan):
     torch.manual_seed(0)
     opts = {"preset": "56"} if arch == "fcdensenet" else None  # the smallest preset keeps the test quick
     net = build_network(arch, in_channels=2, num_classes=3, options=opts, **p).train()
-    x = torch.randn(2, 2, *p["patch_size"])
+    b = 1 if arch == "fcdensenet" and p["dims"] == 3 else 2  # its full-resolution dense blocks: 13 s a 3D step of 2
+    x = torch.randn(b, 2, *p["patch_size"])
     out = net(x)
     outs = out if isinstance(out, list) else [out]
     assert len(outs) == len(net.output_weights)
-    assert tuple(outs[0].shape) == (2, 3, *p["patch_size"])  # the rest: full (PSPNet's aux) or deep-supervision size
-    assert all(tuple(o.shape[:2]) == (2, 3) and all(n % m == 0 for n, m in zip(p["patch_size"], o.shape[2:]))
+    assert tuple(outs[0].shape) == (b, 3, *p["patch_size"])  # the rest: full (PSPNet's aux) or deep-supervision size
+    assert all(tuple(o.shape[:2]) == (b, 3) and all(n % m == 0 for n, m in zip(p["patch_size"], o.shape[2:]))
                for o in outs[1:])
     # every output weighted 1: nnU-Net's deep supervision gives its lowest head weight 0 (a declared choice,
     # tested in test_declared_loss_weights); here every module must be able to receive a gradient
-    loss = DeepSupervisionLoss(DiceCELoss(), weights=[1.0] * len(outs))(out, torch.randint(0, 3, (2, *p["patch_size"])))
+    loss = DeepSupervisionLoss(DiceCELoss(), weights=[1.0] * len(outs))(out, torch.randint(0, 3, (b, *p["patch_size"])))
     loss.backward()
     missing = [n for n, q in net.named_parameters() if q.grad is None or not torch.isfinite(q.grad).all()
                or q.grad.abs().sum() == 0]
@@ -61,7 +62,7 @@ def test_shapes_gradients_and_declared_outputs(arch, plan):
     net.eval()
     with torch.no_grad():
         single = net(x)
-    assert isinstance(single, torch.Tensor) and tuple(single.shape) == (2, 3, *p["patch_size"])
+    assert isinstance(single, torch.Tensor) and tuple(single.shape) == (b, 3, *p["patch_size"])
 
 
 def test_declared_loss_weights():
