@@ -1,6 +1,9 @@
 """Seconds per patch of the hippocampus U-Net's forward pass at batch 1, 2, 4 and 8 (no grad, fp32, CPU).
 
-    python benchmarks/bench_window_batch.py [--threads 2] [--widths 32,16,8,4]
+    python benchmarks/bench_window_batch.py [--threads 2] [--widths 32,16,8,4] [--dims 2]
+
+`--dims 2`: the hippocampus 2d plan's network instead (patch 40x56, 4 stages, strides 2), at batch 1, 4,
+8, 16 and 32 slices (32: the 2D default's cap), 32 slices per setting.
 
 The network of `bench_predict.py` (medseg3d `unet`, 4 stages from `--widths` first-stage features
 doubling to 8x, patch 40x56x40, random weights), contiguous and channels-last, one warm-up pass then
@@ -23,26 +26,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--widths", default="32,16,8,4", help="first-stage features of the networks timed")
+    ap.add_argument("--dims", type=int, default=3, choices=(2, 3), help="3: the 3d_fullres network, 2: the 2d one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for width in (int(w) for w in args.widths.split(",")):
-        time_width(width)
+        time_width(width, args.dims)
 
 
-def time_width(width: int) -> None:
+def time_width(width: int, dims: int = 3) -> None:
     """Print seconds per patch at each batch size and memory format for the network of first-stage `width`."""
     features = [width, 2 * width, 4 * width, 8 * width]
+    patch = [40, 56, 40][:dims]
     net = build_network("unet", in_channels=1, num_classes=3, deep_supervision=False, features=features,
-                        dims=3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 4,
-                        patch_size=[40, 56, 40], options={}).eval()
+                        dims=dims, strides=[[1] * dims] + [[2] * dims] * 3, kernel_sizes=[[3] * dims] * 4,
+                        patch_size=patch, options={}).eval()
+    batches, per_setting = ((1, 2, 4, 8), 8) if dims == 3 else ((1, 4, 8, 16, 32), 32)
     for channels_last in (False, True):
-        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        fmt = (torch.channels_last_3d if dims == 3 else torch.channels_last) if channels_last else torch.contiguous_format
         model = net.to(memory_format=fmt)
-        for batch in (1, 2, 4, 8):
-            x = torch.randn(batch, 1, 40, 56, 40).contiguous(memory_format=fmt)
+        for batch in batches:
+            x = torch.randn(batch, 1, *patch).contiguous(memory_format=fmt)
             with torch.inference_mode():
                 model(x)  # warm-up
-                t0, passes = time.perf_counter(), max(1, 8 // batch)
+                t0, passes = time.perf_counter(), max(1, per_setting // batch)
                 for _ in range(passes):
                     model(x)
                 per_patch = (time.perf_counter() - t0) / (passes * batch)
