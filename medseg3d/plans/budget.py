@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from medseg3d.errors import ConfigError, PlanError
@@ -339,12 +339,9 @@ def replan_schedule(entry: dict[str, Any], budget_s: float, validation: bool = T
                         "`medseg3d plan DATA_DIR -o WORK_DIR --time-budget ...`")
     if batch != facts.batch_size:  # per-window seconds stay; a step and a validation batch scale with the batch
         scale = batch / facts.batch_size
-        timing = WidthTiming(width=timing.width, features=timing.features,
-                             seconds_per_iteration=float(timing.seconds_per_iteration or 0.0) * scale,
-                             seconds_per_forward=float(timing.seconds_per_forward or 0.0) * scale,
-                             cpu_share=timing.cpu_share)
-        facts = BudgetFacts(patch_size=facts.patch_size, batch_size=batch, validation_cases=facts.validation_cases,
-                            windows_per_case=facts.windows_per_case, mirror_variants=facts.mirror_variants)
+        timing = replace(timing, seconds_per_iteration=float(timing.seconds_per_iteration or 0.0) * scale,
+                         seconds_per_forward=float(timing.seconds_per_forward or 0.0) * scale)
+        facts = replace(facts, batch_size=batch)
     reserve = validation_reserve(timing, facts) if validation else 0.0
     epochs, its, val = schedule_for(timing, plan.optimizer, budget_s - reserve)
     expected = epochs * epoch_seconds(timing, its, val)
