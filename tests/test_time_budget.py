@@ -49,8 +49,9 @@ def widths(s_per_it: dict[str, float | None], forward_ratio: float = 0.25) -> li
 
 
 # CPU-like: 2-core EPYC at the hippocampus plan, timed steps (orders of magnitude only, made up for the
-# rules; the hand-made recipe's 800 iterations in 40 minutes were about 3 s each with the loader)
-CPU = {"1x": 9.0, "1/2": 2.0, "1/4": 1.0}
+# rules; the hand-made recipe's 800 iterations in 40 minutes were about 3 s each with the loader; the
+# 1/4 width costs 0.6-0.8 of the 1/2 width's step on two of the three measured CPUs, so 1.25 here)
+CPU = {"1x": 9.0, "1/2": 2.0, "1/4": 1.25}
 # GPU-like
 GPU = {"1x": 0.05, "1/2": 0.03, "1/4": 0.02}
 
@@ -98,6 +99,43 @@ def test_in_between_nnunets_recipe_shortened_then_adamw():
     assert bud.MIN_ITERATIONS["sgd"] <= hour.iterations < 1000 * 250 and hour.epochs < 1000
     short = bud.choose_budget_plan(widths(GPU), 600, FACTS)  # SGD would get < 25 000 iterations
     assert short.optimizer == "adamw" and short.features == PLAN_FEATURES
+
+
+def measured(s_per_it: dict[str, float], s_per_fwd: dict[str, float]) -> list[bud.WidthTiming]:
+    """Timings as `plan --time-budget` stored them in a benchmark report (seconds, batch 7)."""
+    return [bud.WidthTiming(bud.width_name(d), bud.scaled_features(PLAN_FEATURES, d), s_per_it[bud.width_name(d)],
+                            s_per_fwd[bud.width_name(d)], None) for d in bud.WIDTH_DIVISORS]
+
+
+# Task04's plan timed on three 2-core CPUs (benchmarks/results/budget_hippocampus_cpu*.json):
+BF16_EPYC = measured({"1x": 2.187, "1/2": 0.602, "1/4": 0.473}, {"1x": 0.685, "1/2": 0.146, "1/4": 0.119})
+XEON = measured({"1x": 5.627, "1/2": 1.551, "1/4": 1.186}, {"1x": 1.790, "1/2": 0.452, "1/4": 0.290})
+AVX2_EPYC = measured({"1x": 12.77, "1/2": 3.123, "1/4": 1.120}, {"1x": 3.290, "1/2": 0.797, "1/4": 0.340})
+
+
+@pytest.mark.parametrize(("timings", "budget_min", "width", "traded"), [
+    (BF16_EPYC, 60, "1/2", True),    # rules v3 chose 1x (1,300 iterations, measured 0.870); 1/2 trains 3.7x as many
+    (BF16_EPYC, 30, "1/2", False),   # 1x misses 800; 1/4's 3,700 are < 2 x 1/2's 2,300 (measured 0.876)
+    (XEON, 60, "1/2", False),        # 1x misses 800; 1/4's 2,450 are < 2 x 1,850 (measured 0.871)
+    (AVX2_EPYC, 30, "1/4", False),   # 1/2 misses 800 (measured 0.862)
+    (AVX2_EPYC, 120, "1/4", True),   # 1/2 reaches 800, but the 1/4 width's step is 2.8x cheaper
+])
+def test_the_width_trade_on_measured_cpu_timings(timings, budget_min, width, traded):
+    """Rule 2's width trade (rules version 4): a narrower width when it trains WIDTH_TRADE x the iterations."""
+    plan = bud.choose_budget_plan(timings, budget_min * 60, FACTS)
+    assert plan.width == width and plan.optimizer == "adamw" and plan.iterations >= bud.MIN_ITERATIONS["adamw"]
+    assert ("as many per halving of the width" in plan.reason) == traded
+    # every width is listed with its iterations, the narrower ones after the first that reached the minimum too
+    assert [c.split(":")[0] for c in plan.considered] == ["1x sgd", "1x adamw", "1/2 adamw", "1/4 adamw"]
+
+
+def test_the_width_trade_keeps_the_wide_network_where_narrow_ones_are_not_cheaper(monkeypatch):
+    """On a GPU a narrow network's step is barely cheaper: the trade keeps the plan's width."""
+    plan = bud.choose_budget_plan(widths(GPU), 600, FACTS)
+    assert plan.features == PLAN_FEATURES and "halving" not in plan.reason
+    # and with the trade factor raised, the bf16 CPU's 60 minutes keep version 3's choice
+    monkeypatch.setattr(bud, "WIDTH_TRADE", 100.0)
+    assert bud.choose_budget_plan(BF16_EPYC, 3600, FACTS).width == "1x"
 
 
 def test_the_final_validation_is_reserved_first():

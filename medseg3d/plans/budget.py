@@ -17,7 +17,9 @@ Task04 is still to be done):
    50 validation batches per epoch), then the plan's width, 1/2 and 1/4 of it with AdamW (lr 1e-3,
    50 + 5 per epoch: the hand-made CPU recipe). The first whose iterations within the training time
    reach its optimiser's minimum (`MIN_ITERATIONS`) is chosen; when the plan's width with SGD holds
-   nnU-Net's full 1000 epochs, the result is exactly nnU-Net's plan. When none reaches its minimum,
+   nnU-Net's full 1000 epochs, the result is exactly nnU-Net's plan. An AdamW choice then steps to the
+   next narrower width while that one trains at least `WIDTH_TRADE` times as many iterations (a halved
+   width is worth it when it buys twice the steps; rules version 4). When none reaches its minimum,
    the narrowest AdamW option is chosen and the reason says the budget is too short.
 3. Epochs: as many as fit (at most 1000; an epoch costs the timed steps x `EPOCH_OVERHEAD`); when
    fewer than `MIN_EPOCHS` would fit, the epochs are shortened (fewer iterations each) so that `MIN_EPOCHS` do, which keeps the poly schedule and the
@@ -36,7 +38,7 @@ from typing import Any
 from medseg3d.errors import ConfigError, PlanError
 
 #: Version of these rules, stored with each choice (a later rule change is visible in plans.json).
-RULES_VERSION = 3
+RULES_VERSION = 4
 #: nnU-Net's number of epochs; also the most any budget plan trains.
 NNUNET_EPOCHS = 1000
 #: Per optimiser: initial learning rate, training iterations and validation batches per epoch.
@@ -50,6 +52,12 @@ SCHEDULES: dict[str, dict[str, float]] = {
 #: version 1 had 500, which at 60 CPU minutes on Task04 picked the 1x width for 550 iterations
 #: over the 1/2 width's 2,150: a wider network does not make up for a quarter of the steps).
 MIN_ITERATIONS = {"sgd": 25_000, "adamw": 800}
+#: An AdamW choice steps to the next narrower width (half the features) while that one trains at least
+#: this many times its iterations (rules version 4; docs/planning.md rule 2). Measured on Task04 fold 0,
+#: 2-core CPUs: 1/4 width x 1,550 iterations (0.862 mean Dice) matched 1/2 width x 800 (0.860), a
+#: break-even near 2x; the 1/2 width x 2,700 (0.876) beat the 1x width x 1,550 (0.870), so the full width
+#: is worth less than that. Version 3 (widest reaching the minimum) chose the 1x width there.
+WIDTH_TRADE = 2.0
 #: Widths tried, as divisors of the plan's features per stage (1: nnU-Net's 32..320).
 WIDTH_DIVISORS = (1, 2, 4)
 #: Fewest epochs a schedule is cut into (shorter epochs below that).
@@ -251,6 +259,11 @@ def _options(timings: Sequence[WidthTiming]) -> list[tuple[WidthTiming, str]]:
     return out + [(t, "adamw") for t in by_width]
 
 
+def _n(option: tuple[Any, ...]) -> int:
+    """Training iterations of an option tuple (timing, optimiser, epochs, iterations per epoch, ...)."""
+    return int(option[2]) * int(option[3])
+
+
 def choose_budget_plan(timings: Sequence[WidthTiming], budget_s: float, facts: BudgetFacts) -> BudgetPlan:
     """The network and schedule for `budget_s` seconds (training + final validation) by the rules above.
 
@@ -265,6 +278,7 @@ def choose_budget_plan(timings: Sequence[WidthTiming], budget_s: float, facts: B
     considered: list[str] = []
     fallback: tuple[WidthTiming, str, int, int, int, float] | None = None
     chosen = None
+    adamw: list[tuple[WidthTiming, str, int, int, int, float]] = []  # measured AdamW options, widest first
     for timing, opt in _options(timings):
         label = f"{timing.width} {opt}"
         if not timing.measured:
@@ -274,19 +288,32 @@ def choose_budget_plan(timings: Sequence[WidthTiming], budget_s: float, facts: B
         train_s = budget_s - reserve
         epochs, its, val = schedule_for(timing, opt, train_s)
         n = epochs * its
-        fallback = (timing, opt, epochs, its, val, reserve) if opt == "adamw" else fallback
+        if opt == "adamw":
+            fallback = (timing, opt, epochs, its, val, reserve)
+            adamw.append(fallback)
         full = opt == "sgd" and timing is plan_width and its == SCHEDULES["sgd"]["iterations"] \
             and epochs >= NNUNET_EPOCHS
         ok = n >= MIN_ITERATIONS[opt]
         considered.append(f"{label}: {n:,} iterations ({epochs} x {its}) in {format_duration(max(0.0, train_s))}"
                           + (" >= nnU-Net's full 1000 epochs" if full else
                              f" {'>=' if ok else '<'} {MIN_ITERATIONS[opt]:,}"))
-        if full or ok:
+        if chosen is None and (full or ok):
             why = ("the budget holds nnU-Net's full schedule (1000 epochs x 250 iterations): nnU-Net's plan"
                    if full else f"the widest option whose {n:,} iterations reach the {MIN_ITERATIONS[opt]:,} "
                    f"{opt.upper() if opt == 'sgd' else 'AdamW'} needs")
             chosen = (timing, opt, epochs, its, val, reserve, why)
-            break
+            if opt == "sgd":
+                break
+    if chosen is not None and chosen[1] == "adamw":  # the width trade: narrower while it buys WIDTH_TRADE x steps
+        pick = next(i for i, o in enumerate(adamw) if o[0] is chosen[0])
+        while pick + 1 < len(adamw) and _n(adamw[pick + 1]) >= WIDTH_TRADE * _n(adamw[pick]):
+            pick += 1
+        if adamw[pick][0] is not chosen[0]:
+            wide, narrow = chosen, adamw[pick]
+            why = (f"the {wide[0].width} width reaches the {MIN_ITERATIONS['adamw']:,} AdamW needs with "
+                   f"{_n(wide):,} iterations, but the {narrow[0].width} width trains {_n(narrow):,}, at least "
+                   f"{WIDTH_TRADE:g}x as many per halving of the width")
+            chosen = (*narrow, why)
     if chosen is None and fallback is not None:  # (every measured width has an AdamW option)
         timing, opt, epochs, its, val, reserve = fallback
         why = (f"no option reaches its minimum number of iterations: the budget is too short for a good model; "
