@@ -18,8 +18,9 @@ Task04 is still to be done):
    50 + 5 per epoch: the hand-made CPU recipe). The first whose iterations within the training time
    reach its optimiser's minimum (`MIN_ITERATIONS`) is chosen; when the plan's width with SGD holds
    nnU-Net's full 1000 epochs, the result is exactly nnU-Net's plan. An AdamW choice then steps to the
-   next narrower width while that one trains at least `WIDTH_TRADE` times as many iterations (a halved
-   width is worth it when it buys twice the steps; rules version 4). When none reaches its minimum,
+   next narrower width while that one trains at least `WIDTH_TRADE` times as many iterations and the
+   wider one fewer than `TRADE_BELOW` (a halved width is worth it when it buys twice the steps near the
+   minimum, where that was measured; rules version 4). When none reaches its minimum,
    the narrowest AdamW option is chosen and the reason says the budget is too short.
 3. Epochs: as many as fit (at most 1000; an epoch costs the timed steps x `EPOCH_OVERHEAD`); when
    fewer than `MIN_EPOCHS` would fit, the epochs are shortened (fewer iterations each) so that `MIN_EPOCHS` do, which keeps the poly schedule and the
@@ -58,6 +59,11 @@ MIN_ITERATIONS = {"sgd": 25_000, "adamw": 800}
 #: break-even near 2x; the 1/2 width x 2,700 (0.876) beat the 1x width x 1,550 (0.870), so the full width
 #: is worth less than that. Version 3 (widest reaching the minimum) chose the 1x width there.
 WIDTH_TRADE = 2.0
+#: ... but only away from a width that trains fewer than this many AdamW iterations (near the minimum, where
+#: the trade was measured: both measured trades left widths with 800 and 1,550). Further from it the steps'
+#: returns diminish and no measurement shows a narrower width paying off: on a 2-core Xeon with bf16, 60
+#: minutes would otherwise step 1x (1,250) -> 1/2 (5,050) -> 1/4 (11,000 iterations of a 1/16-size net).
+TRADE_BELOW = 1_600
 #: Widths tried, as divisors of the plan's features per stage (1: nnU-Net's 32..320).
 WIDTH_DIVISORS = (1, 2, 4)
 #: Fewest epochs a schedule is cut into (shorter epochs below that).
@@ -306,7 +312,8 @@ def choose_budget_plan(timings: Sequence[WidthTiming], budget_s: float, facts: B
                 break
     if chosen is not None and chosen[1] == "adamw":  # the width trade: narrower while it buys WIDTH_TRADE x steps
         pick = next(i for i, o in enumerate(adamw) if o[0] is chosen[0])
-        while pick + 1 < len(adamw) and _n(adamw[pick + 1]) >= WIDTH_TRADE * _n(adamw[pick]):
+        while pick + 1 < len(adamw) and _n(adamw[pick]) < TRADE_BELOW \
+                and _n(adamw[pick + 1]) >= WIDTH_TRADE * _n(adamw[pick]):
             pick += 1
         if adamw[pick][0] is not chosen[0]:
             wide, narrow = chosen, adamw[pick]
