@@ -34,7 +34,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from medseg3d.errors import ConfigError, PlanError
 
@@ -265,9 +265,19 @@ def _options(timings: Sequence[WidthTiming]) -> list[tuple[WidthTiming, str]]:
     return out + [(t, "adamw") for t in by_width]
 
 
-def _n(option: tuple[Any, ...]) -> int:
-    """Training iterations of an option tuple (timing, optimiser, epochs, iterations per epoch, ...)."""
-    return int(option[2]) * int(option[3])
+class _Option(NamedTuple):
+    """One measured width x optimiser and the schedule it gets in the training time."""
+
+    timing: WidthTiming
+    opt: str
+    epochs: int
+    its: int  # iterations per epoch
+    val: int  # validation batches per epoch
+    reserve: float  # seconds reserved for the final validation
+
+    @property
+    def iterations(self) -> int:
+        return self.epochs * self.its
 
 
 def choose_budget_plan(timings: Sequence[WidthTiming], budget_s: float, facts: BudgetFacts) -> BudgetPlan:
@@ -282,9 +292,8 @@ def choose_budget_plan(timings: Sequence[WidthTiming], budget_s: float, facts: B
                         "--time-budget` (it times a few training steps on this machine)")
     plan_width = max(timings, key=lambda t: sum(t.features))
     considered: list[str] = []
-    fallback: tuple[WidthTiming, str, int, int, int, float] | None = None
-    chosen = None
-    adamw: list[tuple[WidthTiming, str, int, int, int, float]] = []  # measured AdamW options, widest first
+    chosen: tuple[_Option, str] | None = None  # (option, why)
+    adamw: list[_Option] = []  # measured AdamW options, widest first (the last: the fallback)
     for timing, opt in _options(timings):
         label = f"{timing.width} {opt}"
         if not timing.measured:
@@ -292,43 +301,43 @@ def choose_budget_plan(timings: Sequence[WidthTiming], budget_s: float, facts: B
             continue
         reserve = validation_reserve(timing, facts)
         train_s = budget_s - reserve
-        epochs, its, val = schedule_for(timing, opt, train_s)
-        n = epochs * its
+        option = _Option(timing, opt, *schedule_for(timing, opt, train_s), reserve)
+        n = option.iterations
         if opt == "adamw":
-            fallback = (timing, opt, epochs, its, val, reserve)
-            adamw.append(fallback)
-        full = opt == "sgd" and timing is plan_width and its == SCHEDULES["sgd"]["iterations"] \
-            and epochs >= NNUNET_EPOCHS
+            adamw.append(option)
+        full = opt == "sgd" and timing is plan_width and option.its == SCHEDULES["sgd"]["iterations"] \
+            and option.epochs >= NNUNET_EPOCHS
         ok = n >= MIN_ITERATIONS[opt]
-        considered.append(f"{label}: {n:,} iterations ({epochs} x {its}) in {format_duration(max(0.0, train_s))}"
+        considered.append(f"{label}: {n:,} iterations ({option.epochs} x {option.its}) in "
+                          f"{format_duration(max(0.0, train_s))}"
                           + (" >= nnU-Net's full 1000 epochs" if full else
                              f" {'>=' if ok else '<'} {MIN_ITERATIONS[opt]:,}"))
         if chosen is None and (full or ok):
             why = ("the budget holds nnU-Net's full schedule (1000 epochs x 250 iterations): nnU-Net's plan"
                    if full else f"the widest option whose {n:,} iterations reach the {MIN_ITERATIONS[opt]:,} "
                    f"{opt.upper() if opt == 'sgd' else 'AdamW'} needs")
-            chosen = (timing, opt, epochs, its, val, reserve, why)
+            chosen = (option, why)
             if opt == "sgd":
                 break
-    if chosen is not None and chosen[1] == "adamw":  # the width trade: narrower while it buys WIDTH_TRADE x steps
-        pick = next(i for i, o in enumerate(adamw) if o[0] is chosen[0])
-        while pick + 1 < len(adamw) and _n(adamw[pick]) < TRADE_BELOW \
-                and _n(adamw[pick + 1]) >= WIDTH_TRADE * _n(adamw[pick]):
+    if chosen is not None and chosen[0].opt == "adamw":  # the width trade: narrower while it buys WIDTH_TRADE x steps
+        wide = chosen[0]
+        pick = next(i for i, o in enumerate(adamw) if o is wide)
+        while pick + 1 < len(adamw) and adamw[pick].iterations < TRADE_BELOW \
+                and adamw[pick + 1].iterations >= WIDTH_TRADE * adamw[pick].iterations:
             pick += 1
-        if adamw[pick][0] is not chosen[0]:
-            wide, narrow = chosen, adamw[pick]
-            why = (f"the {wide[0].width} width reaches the {MIN_ITERATIONS['adamw']:,} AdamW needs with "
-                   f"{_n(wide):,} iterations, but the {narrow[0].width} width trains {_n(narrow):,}, at least "
-                   f"{WIDTH_TRADE:g}x as many per halving of the width")
-            chosen = (*narrow, why)
-    if chosen is None and fallback is not None:  # (every measured width has an AdamW option)
-        timing, opt, epochs, its, val, reserve = fallback
+        if adamw[pick] is not wide:
+            narrow = adamw[pick]
+            why = (f"the {wide.timing.width} width reaches the {MIN_ITERATIONS['adamw']:,} AdamW needs with "
+                   f"{wide.iterations:,} iterations, but the {narrow.timing.width} width trains "
+                   f"{narrow.iterations:,}, at least {WIDTH_TRADE:g}x as many per halving of the width")
+            chosen = (narrow, why)
+    if chosen is None and adamw:  # (every measured width has an AdamW option)
         why = (f"no option reaches its minimum number of iterations: the budget is too short for a good model; "
-               f"the narrowest network trains the most ({epochs * its:,} iterations)")
-        chosen = (timing, opt, epochs, its, val, reserve, why)
+               f"the narrowest network trains the most ({adamw[-1].iterations:,} iterations)")
+        chosen = (adamw[-1], why)
     if chosen is None:
         raise PlanError("no candidate network was timed; rerun `medseg3d plan --time-budget`")
-    timing, opt, epochs, its, val, reserve, why = chosen
+    (timing, opt, epochs, its, val, reserve), why = chosen
     expected = epochs * epoch_seconds(timing, its, val)
     reason = (f"{format_duration(budget_s)} budget, {format_duration(reserve)} reserved for the final validation "
               f"({facts.validation_cases} cases x {facts.windows_per_case} windows x {facts.mirror_variants} "
