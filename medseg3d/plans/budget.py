@@ -4,7 +4,7 @@
 of the plan's network on this machine (`medseg3d.plans.timing`); `choose_budget_plan` then turns
 those seconds, the budget and a few dataset facts into a `BudgetPlan`: features, patch, batch,
 optimiser, learning rate, epochs x iterations per epoch, and the reason as text. Nothing here
-measures or imports torch, so the rules are tested with injected timings (tests/test_time_budget.py).
+measures or imports torch, so the rules are tested with injected timings (tests/test_budget_rules.py).
 
 The rules (docs/planning.md, "Time budget"; the thresholds are design choices whose measurement on
 Task04 is still to be done):
